@@ -1,0 +1,312 @@
+"""GPT-2 in one file: config, fused residual-add + LayerNorm, attention, MLP, blocks, heads.
+
+Inference only. Parameter names follow Hugging Face's GPT-2 (`transformer.wte`,
+`transformer.h.{i}.ln_1`, `attn.c_attn`, `mlp.c_fc`, `transformer.ln_f`, `lm_head`, `score`)
+so that loading a checkpoint is a checked name-for-name mapping (see `model/checkpoint.py`).
+
+Every LayerNorm is a `FusedAddLayerNorm`: it takes the sublayer output and the running residual
+stream, adds them and normalises the sum in one call. That is the unit ONNX export turns into a
+single `com.microsoft.SkipLayerNormalization` node (2 * n_layer + 1 of them):
+    ln_1 of block 0  fuses  wte(ids) + wpe(pos)
+    ln_2 of block i  fuses  attn_i(...) + residual
+    ln_1 of block i  fuses  mlp_{i-1}(...) + residual      (i > 0)
+    ln_f             fuses  mlp_last(...) + residual
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+# HF `activation_function` names -> torch. GPT-2's "gelu_new" is the tanh approximation.
+_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+@dataclass
+class GPT2Config:
+    """The subset of Hugging Face's `GPT2Config` that changes the forward pass."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int | None = None
+    num_labels: int = 2
+    id2label: dict[int, str] = field(default_factory=dict)
+    architectures: list[str] = field(default_factory=lambda: ["GPT2LMHeadModel"])
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is not supported; "
+                f"expected one of {sorted(_ACTIVATIONS)}"
+            )
+        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        if self.id2label:
+            self.num_labels = len(self.id2label)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPT2Config:
+        """Build from a HF `config.json` dict; keys we do not use are ignored."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        # A null in config.json means "unset": keep it only where our default is also None.
+        kwargs = {k: v for k, v in d.items() if k in defaults and (v is not None or defaults[k] is None)}
+        if "num_labels" not in d and d.get("id2label"):
+            kwargs["num_labels"] = len(d["id2label"])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A HF-compatible `config.json` dict (loadable by `transformers.GPT2Config`)."""
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["model_type"] = "gpt2"
+        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        d["label2id"] = {v: k for k, v in self.id2label.items()}
+        if not self.id2label:
+            del d["id2label"], d["label2id"]
+        return d
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, V) with last_only=True
+    past_key_values: KVCache
+
+
+@dataclass
+class SequenceClassifierOutput:
+    logits: torch.Tensor  # (B, num_labels)
+
+
+def _skip_layer_norm_onnx(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Emit one ONNX Runtime contrib node; only reached while `torch.onnx.export` traces."""
+    normed, _mean, _inv_std, residual_sum = torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::SkipLayerNormalization",
+        (x, residual, weight, bias),
+        attrs={"epsilon": float(eps)},
+        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype),
+        shapes=(x.shape, x.shape[:-1] + (1,), x.shape[:-1] + (1,), x.shape),
+        version=1,
+    )
+    return normed, residual_sum
+
+
+class FusedAddLayerNorm(nn.Module):
+    """`residual_sum = x + residual; normed = LayerNorm(residual_sum)`, as one operation.
+
+    Holds the parameters of the HF LayerNorm it replaces (`weight`, `bias`), so checkpoints map
+    unchanged. During ONNX export it becomes one SkipLayerNormalization node whose output 3 is
+    the residual sum; in eager mode it is the plain composite.
+    """
+
+    def __init__(self, n_embd: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.onnx.is_in_onnx_export():
+            return _skip_layer_norm_onnx(x, residual, self.weight, self.bias, self.eps)
+        residual_sum = x + residual  # (B, T, C)
+        normed = F.layer_norm(residual_sum, (residual_sum.shape[-1],), self.weight, self.bias, self.eps)
+        return normed, residual_sum
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        attn_bias: torch.Tensor,  # (B, 1, T, P+T) additive: 0 where visible, dtype-min where not
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hd)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.act = _ACTIVATIONS[config.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """One transformer block. Takes the previous sublayer's output and the residual stream
+    separately, because the add happens inside `ln_1` (fused); returns the MLP output and the
+    residual stream for the next fused norm."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = FusedAddLayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = FusedAddLayerNorm(config.n_embd, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        attn_bias: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, residual = self.ln_1(x, residual)
+        a, present = self.attn(h, attn_bias, past)
+        h, residual = self.ln_2(a, residual)
+        return self.mlp(h), residual, present
+
+
+class GPT2Model(nn.Module):
+    """The transformer trunk (HF's `transformer.` prefix): embeddings, blocks, final norm."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = FusedAddLayerNorm(config.n_embd, config.layer_norm_epsilon)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, P+T), 1 = real token, 0 = padding
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        past_key_values: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        B, T = input_ids.shape
+        P = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            # As HF: positions count real tokens only, so left padding does not shift them.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]  # (B, T)
+
+        dtype = self.wte.weight.dtype
+        # Query i sits at absolute position P+i and may see key j <= P+i that is not padding.
+        q_pos = torch.arange(T, device=input_ids.device).unsqueeze(1) + P  # (T, 1)
+        k_pos = torch.arange(P + T, device=input_ids.device).unsqueeze(0)  # (1, P+T)
+        visible = (k_pos <= q_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, P+T)
+        # A large negative number, not -inf: a fully padded query row stays finite (and unused).
+        attn_bias = torch.zeros(visible.shape, dtype=dtype, device=input_ids.device)
+        attn_bias = attn_bias.masked_fill(~visible, torch.finfo(dtype).min).unsqueeze(1)  # (B, 1, T, P+T)
+
+        x, residual = self.wte(input_ids), self.wpe(position_ids)  # (B, T, C) each
+        presents = []
+        for i, block in enumerate(self.h):
+            x, residual, present = block(x, residual, attn_bias, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+        hidden, _ = self.ln_f(x, residual)  # (B, T, C)
+        return hidden, tuple(presents)
+
+
+class GPT2(nn.Module):
+    """GPT-2 with the language-model head (`GPT2LMHeadModel`); `lm_head` is tied to `wte`."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
+        if last_only:
+            # Generation needs the next-token distribution only: (B, V), never (B, T, V).
+            hidden = hidden[:, -1, :]
+        return CausalLMOutput(logits=self.lm_head(hidden), past_key_values=presents)
+
+
+class GPT2ForSequenceClassification(nn.Module):
+    """GPT-2 with a linear `score` head read at the last real token of each row."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> SequenceClassifierOutput:
+        B, T = input_ids.shape
+        hidden, _ = self.transformer(input_ids, attention_mask, position_ids)  # (B, T, C)
+        positions = torch.arange(T, device=input_ids.device)
+        if attention_mask is not None:
+            real = attention_mask.bool()
+        elif self.config.pad_token_id is not None:
+            # HF's rule when no mask is given: the rightmost token that is not the pad id.
+            real = input_ids != self.config.pad_token_id
+        else:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        last = (positions * real.long()).argmax(-1)  # (B,) rightmost real token (0 if none)
+        pooled = hidden[torch.arange(B, device=input_ids.device), last]  # (B, C)
+        return SequenceClassifierOutput(logits=self.score(pooled))
