@@ -34,6 +34,9 @@ _ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
+# The ONNX Runtime contrib op that computes `activation(x + bias)` in one node, where one exists:
+# FastGelu is the tanh approximation, BiasGelu the exact erf form.
+_ONNX_GELU = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu_fast": "FastGelu", "gelu": "BiasGelu"}
 
 
 @dataclass
@@ -177,15 +180,26 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y), (k, v)
 
 
+def _bias_gelu_onnx(x: torch.Tensor, bias: torch.Tensor, op: str) -> torch.Tensor:
+    """`gelu(x + bias)` as one ONNX Runtime contrib node; only reached while export traces."""
+    return torch.onnx.ops.symbolic(f"com.microsoft::{op}", (x, bias), dtype=x.dtype, shape=x.shape, version=1)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
+        self.onnx_gelu = _ONNX_GELU.get(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        if self.onnx_gelu and torch.onnx.is_in_onnx_export():
+            # The c_fc bias moves into the fused GELU node: MatMul -> FastGelu/BiasGelu(h, bias).
+            h = _bias_gelu_onnx(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.onnx_gelu)  # (B, T, 4C)
+        else:
+            h = self.act(self.c_fc(x))  # (B, T, 4C)
+        return self.c_proj(h)
 
 
 class Block(nn.Module):

@@ -1,0 +1,110 @@
+"""Small, tested passes over the exported ONNX graph, and the fused-op accounting.
+
+The fused nodes themselves come out of the exporter (the model emits them while tracing);
+what is here tidies the graph for the precision passes and checks the fusion is complete:
+every LayerNorm of the model is one `com.microsoft.SkipLayerNormalization` (2 * n_layer + 1,
+the embedding sum included) and no plain `LayerNormalization` is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+logger = logging.getLogger(__name__)
+
+CONTRIB_DOMAIN = "com.microsoft"
+FUSED_OPS = ("SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu")
+
+
+class FusionError(RuntimeError):
+    """The exported graph is not fused the way the service expects."""
+
+
+def op_counts(model: onnx.ModelProto) -> Counter[str]:
+    """Node counts by op type (top-level graph; ours has no subgraphs)."""
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts = op_counts(model)
+    return {op: counts.get(op, 0) for op in FUSED_OPS}
+
+
+def check_fusion(model: onnx.ModelProto, n_layer: int) -> dict[str, int]:
+    """Raise `FusionError` unless every LayerNorm is a SkipLayerNormalization; return the counts."""
+    counts = fused_op_counts(model)
+    want = 2 * n_layer + 1
+    problems = []
+    if counts["SkipLayerNormalization"] != want:
+        problems.append(f"{counts['SkipLayerNormalization']} SkipLayerNormalization nodes, expected {want}")
+    if counts["LayerNormalization"]:
+        problems.append(f"{counts['LayerNormalization']} plain LayerNormalization nodes left")
+    if problems:
+        raise FusionError("; ".join(problems))
+    return counts
+
+
+def _consumed(model: onnx.ModelProto) -> set[str]:
+    used = {i for n in model.graph.node for i in n.input}
+    return used | {o.name for o in model.graph.output}
+
+
+def prune_unused_optional_outputs(model: onnx.ModelProto) -> int:
+    """Blank SkipLayerNormalization's optional `mean` / `inv_std_var` outputs (1, 2) when unused.
+
+    They are float32 whatever the input type, so leaving them in would trip the fp16 pass, and
+    ONNX Runtime skips computing an output whose name is empty. Returns how many were pruned.
+    """
+    used = _consumed(model)
+    pruned: set[str] = set()
+    for node in model.graph.node:
+        if node.domain == CONTRIB_DOMAIN and node.op_type == "SkipLayerNormalization":
+            for k in (1, 2):
+                if k < len(node.output) and node.output[k] and node.output[k] not in used:
+                    pruned.add(node.output[k])
+                    node.output[k] = ""
+    keep = [vi for vi in model.graph.value_info if vi.name not in pruned]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    return len(pruned)
+
+
+def strip_initializer_value_info(model: onnx.ModelProto) -> None:
+    """Drop value_info entries that shadow initializers (the exporter adds them for metadata);
+    onnx's shape inference in the quantizer trips over them once it rewrites a weight."""
+    inits = {i.name for i in model.graph.initializer}
+    keep = [vi for vi in model.graph.value_info if vi.name not in inits]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+
+
+def untie_gemm_weights(model: onnx.ModelProto) -> int:
+    """Give each `Gemm(x, W^T)` whose W is shared with another node (the tied LM head shares
+    `wte` with the embedding Gather) its own pre-transposed copy, as a plain MatMul.
+
+    Dynamic quantization rewrites a weight in place; on a shared initializer that would also
+    change the embedding. Returns the number of nodes rewritten.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    uses = Counter(i for n in model.graph.node for i in n.input)
+    rewritten = 0
+    for idx, node in enumerate(list(model.graph.node)):
+        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits or uses[node.input[1]] < 2:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        w = np.ascontiguousarray(w.T) if attrs.get("transB", 0) else w.copy()  # (K, N)
+        name = f"{node.input[1]}.matmul_b"
+        model.graph.initializer.append(numpy_helper.from_array(w, name))
+        matmul = onnx.helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name + "_untied")
+        model.graph.node.remove(node)
+        model.graph.node.insert(idx, matmul)
+        rewritten += 1
+    return rewritten

@@ -1,0 +1,152 @@
+"""Trace our PyTorch GPT-2 into the two ONNX graphs the service runs (DESIGN §7).
+
+Generation graph: one graph for prefill (past length 0) and decode (one new token)
+    inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
+             past_key_values.{i}.key / .value (B, n_head, P, head_dim)
+    outputs  logits (B, V) for the last position only, present.{i}.key / .value (B, n_head, P+T, head_dim)
+Classification graph: input_ids, attention_mask -> logits (B, num_labels).
+
+The fused residual-add + LayerNorm and the bias+GELU of the model emit their ONNX Runtime
+contrib nodes themselves while `torch.onnx.export` traces (see `model/gpt2.py`), so what comes
+out is already fused; `export.fusion` counts and checks it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+
+from model.gpt2 import GPT2, GPT2ForSequenceClassification
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+# Beyond this many bytes of weights, tensors go to an external data file (protobuf caps at 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+# Friendly names for the symbolic dims the exporter invents.
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def kv_input_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def kv_output_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+class _GenerationGraph(nn.Module):
+    """Flat tensors in, flat tensors out: the signature the ONNX graph has."""
+
+    def __init__(self, model: GPT2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: ANN001
+        out = self.model(input_ids, attention_mask, position_ids, past, last_only=True)
+        return (out.logits, *(t for kv in out.past_key_values for t in kv))
+
+
+class _ClassificationGraph(nn.Module):
+    def __init__(self, model: GPT2ForSequenceClassification) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):  # noqa: ANN001
+        return self.model(input_ids, attention_mask).logits
+
+
+def _set_dims(model: onnx.ModelProto, dims: dict[str, list[str | int]]) -> None:
+    """Name the dynamic dims of the graph's inputs and outputs (the exporter's are like `s53`)."""
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name not in dims:
+            continue
+        for d, want in zip(vi.type.tensor_type.shape.dim, dims[vi.name], strict=True):
+            if isinstance(want, str):
+                d.dim_param = want
+
+
+def _save(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path, dims: dict[str, list]) -> None:
+    proto = program.model_proto
+    _set_dims(proto, dims)
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if n_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _export(module: nn.Module, args: tuple, **kwargs) -> torch.onnx.ONNXProgram:
+    with warnings.catch_warnings():
+        # The exporter warns that the axis names we give are merged into shared constraints,
+        # and about torchvision ops it cannot register; neither concerns this graph.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise RuntimeError("torch.onnx.export returned no program")
+    return program
+
+
+@torch.no_grad()
+def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export the KV-cache generation graph of `model` (fp32) to `path`."""
+    cfg = model.config
+    model = model.eval().float()
+    # torch.export specialises dims that are 0 or 1 in the example, so trace with B, T, P >= 2;
+    # the graph is checked at P = 0 and T = 1 by `export.verify`.
+    B, T, P = 2, 3, 4
+    dev = next(model.parameters()).device
+    input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+    attention_mask = torch.ones(B, P + T, dtype=torch.long, device=dev)
+    position_ids = torch.arange(P, P + T, device=dev).expand(B, T).contiguous()
+    kv_shape = (B, cfg.n_head, P, cfg.head_dim)
+    past = tuple((torch.zeros(kv_shape, device=dev), torch.zeros(kv_shape, device=dev)) for _ in range(cfg.n_layer))
+    batch, seq, plen = Dim(BATCH), Dim(SEQ, max=cfg.n_positions), Dim(PAST, max=cfg.n_positions)
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.AUTO},  # P + T: the exporter derives it from the graph
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple(({0: batch, 2: plen}, {0: batch, 2: plen}) for _ in range(cfg.n_layer)),
+    }
+    inputs = ["input_ids", "attention_mask", "position_ids", *kv_input_names(cfg.n_layer)]
+    outputs = ["logits", *kv_output_names(cfg.n_layer)]
+    logger.info("tracing the generation graph (%d layers)", cfg.n_layer)
+    program = _export(
+        _GenerationGraph(model), (input_ids, attention_mask, position_ids, past),
+        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes, opset_version=opset,
+    )
+    kv_in = [BATCH, cfg.n_head, PAST, cfg.head_dim]
+    kv_out = [BATCH, cfg.n_head, TOTAL, cfg.head_dim]
+    dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, TOTAL], "position_ids": [BATCH, SEQ],
+            "logits": [BATCH, cfg.vocab_size]}
+    dims |= {n: kv_in for n in kv_input_names(cfg.n_layer)} | {n: kv_out for n in kv_output_names(cfg.n_layer)}
+    _save(program, model, Path(path), dims)
+
+
+@torch.no_grad()
+def export_classification(model: GPT2ForSequenceClassification, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export the sequence-classification graph of `model` (fp32) to `path`."""
+    cfg = model.config
+    model = model.eval().float()
+    B, T = 2, 5
+    dev = next(model.parameters()).device
+    input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+    attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    batch, seq = Dim(BATCH), Dim(SEQ, max=cfg.n_positions)
+    logger.info("tracing the classification graph (%d layers)", cfg.n_layer)
+    program = _export(
+        _ClassificationGraph(model), (input_ids, attention_mask),
+        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset_version=opset,
+    )
+    dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ], "logits": [BATCH, cfg.num_labels]}
+    _save(program, model, Path(path), dims)
