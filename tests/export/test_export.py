@@ -1,0 +1,296 @@
+"""ONNX export: fused-op counts, parity with PyTorch and transformers, precisions, manifest, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import graphs, pipeline
+from export.fusion import FusionError, check_fusion, op_counts, untie_gemm_weights
+from export.manifest import checkpoint_sha256, read_manifest, verify_files
+from export.pipeline import ExportError, export_checkpoint
+from export.verify import TOP1_FLOOR, verify
+from model import load_pretrained
+from tests.conftest import make_hf_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "model" / "demo"
+
+# (name, config overrides): odd head counts, one layer, exact GELU, a non-default MLP width.
+CONFIGS = {
+    "2L-4H": dict(n_embd=32, n_layer=2, n_head=4),
+    "1L-3H": dict(n_embd=48, n_layer=1, n_head=3),
+    "3L-5H-gelu-ninner": dict(n_embd=40, n_layer=3, n_head=5, activation_function="gelu", n_inner=72),
+}
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def exported_lm(request, tmp_path_factory) -> tuple[str, Path, Path, dict]:
+    name = request.param
+    ckpt = make_hf_checkpoint(tmp_path_factory.mktemp(f"ckpt-{name}"), "generate", seed=3,
+                              vocab_size=1000, **CONFIGS[name])
+    out = tmp_path_factory.mktemp(f"onnx-{name}")
+    manifest = export_checkpoint(ckpt, out, "generate")
+    return name, ckpt, out, manifest
+
+
+def test_every_layernorm_is_one_skip_layer_norm(exported_lm) -> None:
+    name, _, out, manifest = exported_lm
+    cfg = CONFIGS[name]
+    counts = op_counts(onnx.load(str(out / "model.onnx")))
+    assert counts["SkipLayerNormalization"] == 2 * cfg["n_layer"] + 1
+    assert counts["LayerNormalization"] == 0
+    gelu = "BiasGelu" if cfg.get("activation_function") == "gelu" else "FastGelu"
+    assert counts[gelu] == cfg["n_layer"]
+    # The GELU is fully fused: no decomposed tanh / erf left.
+    assert counts["Tanh"] == 0 and counts["Erf"] == 0
+    assert manifest["fused_ops"]["SkipLayerNormalization"] == manifest["expected_skip_layer_norm"]
+
+
+def test_graph_signature_matches_the_contract(exported_lm) -> None:
+    name, _, out, manifest = exported_lm
+    n_layer = CONFIGS[name]["n_layer"]
+    sess = _session(out / "model.onnx")
+    kv = [f"{p}.{i}.{k}" for i in range(n_layer) for k in ("key", "value") for p in ("past_key_values",)]
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *kv]
+    assert [o.name for o in sess.get_outputs()] == ["logits"] + [
+        f"present.{i}.{k}" for i in range(n_layer) for k in ("key", "value")]
+    # logits are for the last position only: (batch, vocab), never (batch, seq, vocab).
+    assert sess.get_outputs()[0].shape == ["batch_size", 1000]
+    assert sess.get_inputs()[1].shape == ["batch_size", "total_sequence_length"]
+    assert manifest["opset"] >= 17 and manifest["parity"]["passed"]
+    assert [i["name"] for i in manifest["inputs"]] == [i.name for i in sess.get_inputs()]
+
+
+def _hf(ckpt: Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+
+
+def _feed(ids, mask, pos, past, n_layer):
+    f = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    for i in range(n_layer):
+        f[f"past_key_values.{i}.key"], f[f"past_key_values.{i}.value"] = past[i]
+    return f
+
+
+@torch.no_grad()
+def test_parity_with_transformers_prefill_and_8_decode_steps_left_padded(exported_lm) -> None:
+    """The graph, fed its own KV cache, against transformers' full forward at every step."""
+    name, ckpt, out, _ = exported_lm
+    cfg = CONFIGS[name]
+    hf = _hf(ckpt)
+    sess = _session(out / "model.onnx")
+    rng = np.random.default_rng(0)
+    lengths = [7, 3, 5]
+    B, T = len(lengths), max(lengths)
+    ids = np.zeros((B, T), np.int64)
+    mask = np.zeros((B, T), np.int64)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = rng.integers(0, 1000, n)
+        mask[b, T - n:] = 1
+    hd = cfg["n_embd"] // cfg["n_head"]
+    empty = np.zeros((B, cfg["n_head"], 0, hd), np.float32)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    feed = _feed(ids, mask, pos, [(empty, empty)] * cfg["n_layer"], cfg["n_layer"])
+    all_ids, all_mask = ids, mask
+    for step in range(9):  # prefill + 8 decode steps
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+        full_pos = np.clip(all_mask.cumsum(-1) - 1, 0, None)
+        ref = hf(torch.from_numpy(all_ids), attention_mask=torch.from_numpy(all_mask),
+                 position_ids=torch.from_numpy(full_pos)).logits[:, -1].numpy()
+        assert np.abs(outs["logits"] - ref).max() < 1e-4, f"step {step}"
+        nxt = ref.argmax(-1)[:, None]
+        all_ids = np.concatenate([all_ids, nxt], 1)
+        all_mask = np.concatenate([all_mask, np.ones((B, 1), np.int64)], 1)
+        past = [(outs[f"present.{i}.key"], outs[f"present.{i}.value"]) for i in range(cfg["n_layer"])]
+        assert past[0][0].shape == (B, cfg["n_head"], all_ids.shape[1] - 1, hd)
+        feed = _feed(nxt, all_mask, full_pos[:, -1:] + 1, past, cfg["n_layer"])
+
+
+def test_verifier_reports_every_output_within_1e4(exported_lm) -> None:
+    name, ckpt, out, manifest = exported_lm
+    par = manifest["parity"]
+    n_layer = CONFIGS[name]["n_layer"]
+    assert set(par["max_abs_diff_by_output"]) == {"logits"} | {
+        f"present.{i}.{k}" for i in range(n_layer) for k in ("key", "value")}
+    assert max(par["max_abs_diff_by_output"].values()) < 1e-4
+    assert par["top1_agreement"] == 1.0
+
+
+def test_verifier_catches_a_damaged_graph(tmp_path, tiny_lm_dir) -> None:
+    """Perturb one weight in the graph: the verifier must fail and name the outputs."""
+    export_checkpoint(tiny_lm_dir, tmp_path, "generate", verify_parity=False)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    init = next(i for i in proto.graph.initializer if i.name.endswith("h.1.ln_2.weight"))
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr[:4] += 0.05
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    report = verify(load_pretrained(tiny_lm_dir), tmp_path / "bad.onnx", "fp32")
+    assert not report.passed
+    failures = report.failures()
+    assert any("logits" in f for f in failures)
+    # ln_2 of layer 1 acts after layer 1's attention: no KV cache is touched.
+    assert not any("present." in f for f in failures)
+
+
+@pytest.mark.parametrize("task", ["classify"])
+def test_classifier_graph_parity(tmp_path, tiny_classifier_dir, task) -> None:
+    import transformers
+
+    manifest = export_checkpoint(tiny_classifier_dir, tmp_path, task)
+    assert manifest["fused_ops"]["SkipLayerNormalization"] == 5 and manifest["fused_ops"]["LayerNormalization"] == 0
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_logit_error"] < 1e-4
+    sess = _session(tmp_path / "model.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
+    pad = hf.config.pad_token_id
+    ids = np.array([[pad, pad, 464, 2068, 7586], [464, 2068, 7586, 21831, 18045], [318, 257, 1332, pad, pad]])
+    mask = (ids != pad).astype(np.int64)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    (logits,) = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos))
+    assert logits.shape == (3, 3)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4)
+
+
+def test_fp16_runs_on_cpu_and_agrees(tmp_path, tiny_lm_dir) -> None:
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="fp16")
+    sess = _session(tmp_path / "model.onnx")
+    types = {i.name: i.type for i in sess.get_inputs()} | {o.name: o.type for o in sess.get_outputs()}
+    assert types["past_key_values.0.key"] == "tensor(float16)" and types["present.1.value"] == "tensor(float16)"
+    assert types["logits"] == "tensor(float)"  # sampling sees fp32
+    par = manifest["parity"]
+    assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR["fp16"]
+    assert 0 < par["max_logit_error"] < 1e-2  # really half precision, and close
+
+
+def test_int8_quantizes_matmuls_and_keeps_agreement_floor(tmp_path, tiny_lm_dir) -> None:
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int8")
+    counts = op_counts(onnx.load(str(tmp_path / "model.onnx")))
+    # 4 weight MatMuls per layer + the (untied) LM head, all int8; attention's two stay fp32.
+    assert counts["DynamicQuantizeMatMul"] + counts["MatMulInteger"] == 4 * 2 + 1
+    assert counts["SkipLayerNormalization"] == 5
+    par = manifest["parity"]
+    assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR["int8"]
+    assert par["max_logit_error"] > 0
+
+
+def test_untie_gemm_leaves_the_embedding_alone(tmp_path, tiny_lm_dir) -> None:
+    export_checkpoint(tiny_lm_dir, tmp_path, "generate", verify_parity=False)
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    before = _session(tmp_path / "model.onnx")
+    assert untie_gemm_weights(proto) == 1
+    assert op_counts(proto)["Gemm"] == 0
+    onnx.save(proto, str(tmp_path / "untied.onnx"))
+    after = _session(tmp_path / "untied.onnx")
+    feed = {"input_ids": np.array([[464, 2068]]), "attention_mask": np.ones((1, 2), np.int64),
+            "position_ids": np.array([[0, 1]])}
+    feed |= {i.name: np.zeros((1, 4, 0, 8), np.float32) for i in before.get_inputs() if i.name.startswith("past")}
+    np.testing.assert_allclose(after.run(None, feed)[0], before.run(None, feed)[0], atol=1e-5)
+
+
+def test_check_fusion_rejects_a_plain_layernorm() -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    node = onnx.helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"])
+    g = onnx.helper.make_graph([node], "g", [x], [y])
+    with pytest.raises(FusionError, match="0 SkipLayerNormalization nodes, expected 3; 1 plain LayerNormalization"):
+        check_fusion(onnx.helper.make_model(g), n_layer=1)
+
+
+def test_large_models_use_external_data(tmp_path, tiny_lm_dir, monkeypatch) -> None:
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate")
+    assert sorted(manifest["files"]) == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx").stat().st_size < (tmp_path / "model.onnx.data").stat().st_size
+    assert manifest["parity"]["passed"]
+
+
+def test_manifest_records_hashes_versions_and_detects_damage(tmp_path, tiny_lm_dir) -> None:
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", verify_parity=False)
+    on_disk = read_manifest(tmp_path)
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["checkpoint"]["sha256"] == checkpoint_sha256(tiny_lm_dir)
+    assert {"torch", "onnx", "onnxruntime", "python"} <= set(on_disk["versions"])
+    assert on_disk["parity"] is None
+    assert verify_files(tmp_path, on_disk) == []
+    with open(tmp_path / "model.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage")
+    assert verify_files(tmp_path, on_disk) == ["model.onnx"]
+
+
+def test_export_rejects_bad_arguments(tmp_path, tiny_lm_dir, tiny_classifier_dir) -> None:
+    with pytest.raises(ExportError, match="unknown task 'summarise'"):
+        export_checkpoint(tiny_lm_dir, tmp_path, "summarise")
+    with pytest.raises(ExportError, match="unknown precision 'int4'"):
+        export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int4")
+    with pytest.raises(ExportError, match="holds a sequence classifier"):
+        export_checkpoint(tiny_classifier_dir, tmp_path, "generate", verify_parity=False)
+    with pytest.raises(ExportError, match="holds a language model"):
+        export_checkpoint(tiny_lm_dir, tmp_path, "classify", verify_parity=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="not writable"):
+        export_checkpoint(tiny_lm_dir, blocker / "sub", "generate")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_success_prints_summary_and_exit_0(tmp_path, tiny_lm_dir) -> None:
+    r = _cli("--checkpoint", str(tiny_lm_dir), "--task", "generate", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert "SkipLayerNormalization  5 (expected 5)" in r.stdout
+    assert "parity                  PASSED" in r.stdout
+    assert "verifying parity" in r.stderr  # progress goes to stderr
+    assert read_manifest(tmp_path / "o")["parity"]["passed"]
+
+
+def test_cli_errors_are_clear_and_nonzero(tmp_path, tiny_lm_dir) -> None:
+    r = _cli("--checkpoint", str(tmp_path / "nope"), "--task", "generate", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--checkpoint", str(tiny_lm_dir), "--task", "translate", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "invalid choice: 'translate'" in r.stderr
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    r = _cli("--checkpoint", str(tiny_lm_dir), "--task", "generate", "--out", str(blocker / "o"))
+    assert r.returncode == 2 and "not writable" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sub", "task"), [("lm", "generate"), ("classifier", "classify")])
+def test_demo_checkpoints_round_trip(tmp_path, sub, task) -> None:
+    if not (DEMO / sub / "config.json").is_file():
+        pytest.fail(f"demo checkpoint {DEMO / sub} is missing")
+    manifest = export_checkpoint(DEMO / sub, tmp_path, task)
+    model = load_pretrained(DEMO / sub)
+    assert manifest["fused_ops"]["SkipLayerNormalization"] == 2 * model.config.n_layer + 1
+    assert manifest["parity"]["passed"], manifest["parity"]["failures"]
+    assert manifest["parity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_demo_lm_int8_keeps_the_agreement_floor(tmp_path) -> None:
+    """On a trained model (the demo LM), int8 must agree with fp32 on the next token at the floor."""
+    manifest = export_checkpoint(DEMO / "lm", tmp_path, "generate", precision="int8")
+    assert manifest["parity"]["top1_agreement"] >= TOP1_FLOOR["int8"], manifest["parity"]
