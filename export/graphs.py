@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -22,11 +24,11 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from export.manifest import DEFAULT_OPSET
 from model.gpt2 import GPT2, GPT2ForSequenceClassification
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 18
 # Beyond this many bytes of weights, tensors go to an external data file (protobuf caps at 2 GB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
@@ -85,20 +87,39 @@ def _save(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path, dims: d
         onnx.save_model(proto, str(path))
 
 
-def _export(module: nn.Module, args: tuple, **kwargs) -> torch.onnx.ONNXProgram:
+@contextmanager
+def _fusion(model: nn.Module, fused: bool) -> Iterator[None]:
+    """Switch the model's contrib-op emission (SkipLayerNormalization, FastGelu) for one trace."""
+    flagged = [m for m in model.modules() if hasattr(m, "onnx_fused")]
+    before = [m.onnx_fused for m in flagged]
+    for m in flagged:
+        m.onnx_fused = fused
+    try:
+        yield
+    finally:
+        for m, b in zip(flagged, before, strict=True):
+            m.onnx_fused = b
+
+
+def _export(module: nn.Module, args: tuple, fused: bool = True, **kwargs) -> torch.onnx.ONNXProgram:
     with warnings.catch_warnings():
         # The exporter warns that the axis names we give are merged into shared constraints,
         # and about torchvision ops it cannot register; neither concerns this graph.
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
+        with _fusion(module, fused):
+            program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
     return program
 
 
 @torch.no_grad()
-def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
-    """Export the KV-cache generation graph of `model` (fp32) to `path`."""
+def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET, fused: bool = True) -> None:
+    """Export the KV-cache generation graph of `model` (fp32) to `path`.
+
+    `fused=False` keeps plain Add + LayerNormalization and the decomposed GELU: the baseline
+    the benchmarks compare the fused graph against.
+    """
     cfg = model.config
     model = model.eval().float()
     # torch.export specialises dims that are 0 or 1 in the example, so trace with B, T, P >= 2;
@@ -122,7 +143,7 @@ def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET)
     logger.info("tracing the generation graph (%d layers)", cfg.n_layer)
     program = _export(
         _GenerationGraph(model), (input_ids, attention_mask, position_ids, past),
-        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes, opset_version=opset,
+        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes, opset_version=opset, fused=fused,
     )
     kv_in = [BATCH, cfg.n_head, PAST, cfg.head_dim]
     kv_out = [BATCH, cfg.n_head, TOTAL, cfg.head_dim]

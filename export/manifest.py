@@ -19,6 +19,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 FORMAT_VERSION = 1
+DEFAULT_OPSET = 18
 # What determines an export: the config and the weights. Tokenizer files do not change the graph.
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

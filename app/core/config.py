@@ -1,0 +1,48 @@
+"""Settings from environment variables (DESIGN §5), one pydantic-settings class.
+
+Built by `get_settings()`, never at import, so tests and tools can set the environment first.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "model" / "demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    model_path: Path = Field(DEMO_DIR / "lm", description="generation checkpoint folder (HF GPT-2 format)")
+    classifier_path: Path | None = Field(DEMO_DIR / "classifier",
+                                         description="sequence-classification checkpoint folder; empty disables")
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    onnx_cache_dir: Path = Field(Path(".onnx_cache"), description="exports are made once and reused from here")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    max_input_tokens: int = Field(512, ge=1)
+    max_total_tokens: int = Field(1024, ge=2)
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_total_tokens: int = Field(32768, ge=2)
+    max_concurrent_requests: int = Field(128, ge=1)
+    num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(f"MAX_INPUT_TOKENS ({self.max_input_tokens}) must be < MAX_TOTAL_TOKENS "
+                             f"({self.max_total_tokens})")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

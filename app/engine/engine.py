@@ -1,0 +1,186 @@
+"""The engine's async API (`generate`, `generate_stream`, `classify`) over the scheduler.
+
+The HTTP layer calls this; it never sees tensors. Tokenisation and limits are checked here, on
+the caller's side, so bad input fails fast with an `InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.engine.loader import Loaded, load
+from app.engine.sampling import SamplingParams
+from app.engine.scheduler import Finish, GenerationRequest, Scheduler, StreamEvent
+from model.tokenizer import GPT2Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class InputError(ValueError):
+    """Bad request input; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested model is not loaded (or the engine is stopped)."""
+
+
+@dataclass
+class Label:
+    label: str
+    score: float
+
+
+def _id2label(checkpoint: Path, n: int) -> list[str]:
+    raw = json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+    return [str(raw.get(str(i), raw.get(i, f"LABEL_{i}"))) for i in range(n)]
+
+
+class Engine:
+    def __init__(self, generation: Loaded | None, classification: Loaded | None, max_batch_size: int = 32,
+                 max_batch_total_tokens: int = 32768, max_input_tokens: int | None = None) -> None:
+        self.generation = generation
+        self.classification = classification
+        self.max_input_tokens = max_input_tokens
+        self.tokenizer = GPT2Tokenizer.from_dir(generation.checkpoint) if generation else None
+        self.cls_tokenizer = GPT2Tokenizer.from_dir(classification.checkpoint) if classification else None
+        self.labels: list[str] = []
+        if classification:
+            probe = classification.runner.classify([[0]])  # also a warm-up
+            self.labels = _id2label(classification.checkpoint, probe.shape[-1])
+        self.context_length = generation.runner.info.n_positions if generation else 0
+        self.scheduler = Scheduler(
+            generation.runner if generation else None, self.tokenizer,
+            classification.runner if classification else None, max_batch_size, max_batch_total_tokens,
+            eos_token_id=self.tokenizer.eos_token_id if self.tokenizer else None,
+        )
+
+    @classmethod
+    def load(cls, model_path: Path | None, classifier_path: Path | None = None, backend: str = "auto",
+             device: str = "auto", precision: str = "fp32", cache_dir: Path = Path(".onnx_cache"),
+             num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
+             max_input_tokens: int | None = None) -> Engine:
+        """Load (and export, on a cache miss) the models; blocking."""
+        kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads)
+        gen = load("generate", model_path, **kw) if model_path else None
+        clf = load("classify", classifier_path, **kw) if classifier_path else None
+        return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens)
+
+    def start(self) -> None:
+        self.warmup()
+        self.scheduler.start()
+
+    def warmup(self) -> None:
+        """One tiny prefill + step so the first request does not pay for allocations."""
+        if self.generation:
+            r = self.generation.runner
+            r.add([[self.tokenizer.eos_token_id] * 2])
+            r.step([self.tokenizer.eos_token_id])
+            r.reset()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        for loaded in (self.generation, self.classification):
+            if loaded:
+                loaded.runner.close()
+
+    # ---- generation --------------------------------------------------------------------------
+    def prepare(self, inputs: str | list[int], max_new_tokens: int, params: SamplingParams | None = None,
+                stop: list[str] | None = None) -> GenerationRequest:
+        if self.generation is None:
+            raise EngineUnavailable("no generation model is loaded")
+        ids = self.tokenizer.encode(inputs) if isinstance(inputs, str) else list(inputs)
+        if not ids:
+            raise InputError("inputs", "must not be empty")
+        if any(not 0 <= i < self.generation.runner.info.vocab_size for i in ids):
+            raise InputError("inputs", "token id out of the vocabulary")
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens", "must be >= 1")
+        if self.max_input_tokens is not None and len(ids) > self.max_input_tokens:
+            raise InputError("inputs", f"{len(ids)} tokens exceed MAX_INPUT_TOKENS ({self.max_input_tokens})")
+        if len(ids) + max_new_tokens > self.context_length:
+            raise InputError("max_new_tokens", f"inputs ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                               f"exceed the model's context of {self.context_length} tokens")
+        return GenerationRequest(ids, params or SamplingParams(), max_new_tokens, list(stop or []))
+
+    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Events as tokens are made; the last carries `finish`. Leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = self.scheduler.submit(req, loop, queue)
+        try:
+            while True:
+                ev = await queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finish is not None:
+                    return
+        finally:
+            if not seq.finished:
+                self.scheduler.cancel(seq)
+
+    async def generate(self, req: GenerationRequest) -> Finish:
+        async for ev in self.generate_stream(req):
+            if ev.finish is not None:
+                return ev.finish
+        raise RuntimeError("generation ended without a finish event")  # pragma: no cover
+
+    # ---- classification ----------------------------------------------------------------------
+    async def classify(self, texts: list[str], top_k: int | None = None, truncate: bool = False,
+                       max_tokens: int | None = None) -> list[list[Label]]:
+        if self.classification is None:
+            raise EngineUnavailable("no classification model is loaded")
+        limit = max_tokens or self.max_input_tokens or 1024
+        prompts = []
+        for i, text in enumerate(texts):
+            ids = self.cls_tokenizer.encode(text)
+            field = "inputs" if len(texts) == 1 else f"inputs[{i}]"
+            if not ids:
+                raise InputError(field, "must not be empty")
+            if len(ids) > limit:
+                if not truncate:
+                    raise InputError(field, f"{len(ids)} tokens exceed the limit of {limit}; shorten it or set "
+                                            f"truncate")
+                ids = ids[:limit]
+            prompts.append(ids)
+        if top_k is not None and top_k < 1:
+            raise InputError("top_k", "must be >= 1")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def done(result: Any) -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(result) if isinstance(
+                result, BaseException) else fut.set_result(result)))
+
+        self.scheduler.classify(prompts, done)
+        logits = await fut
+        z = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = z / z.sum(-1, keepdims=True)
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[: top_k or len(row)]
+            out.append([Label(self.labels[j], float(row[j])) for j in order])
+        return out
+
+    def info(self) -> dict[str, Any]:
+        def one(lo: Loaded | None) -> dict[str, Any] | None:
+            if lo is None:
+                return None
+            return {"model_path": str(lo.checkpoint), "backend": lo.backend, "device": lo.device,
+                    "precision": lo.precision, "onnx_path": str(lo.onnx_path) if lo.onnx_path else None,
+                    "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit}
+
+        return {"generation": one(self.generation), "classification": one(self.classification),
+                "context_length": self.context_length, "labels": self.labels}

@@ -1,0 +1,153 @@
+"""Backend selection and the export cache.
+
+`BACKEND=auto` serves on ONNX Runtime from an export made on first start (or found in
+`ONNX_CACHE_DIR`, keyed by checkpoint hash, task, precision and opset) and falls back to PyTorch
+when the export, the session or the requested provider fails; the reason is logged and kept
+for `/info`. A cached export is used only if its manifest matches the checkpoint hash, its
+parity check passed and every model file still has its recorded sha256; otherwise it is rebuilt.
+Exports are written to a temporary folder and renamed into place, so two processes starting at
+once never see (or leave) half an export. On a cache hit nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export import manifest as mf
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    runner: Any  # GenerationRunner | ClassificationRunner
+    task: str
+    backend: str
+    device: str
+    precision: str
+    checkpoint: Path
+    onnx_path: Path | None = None
+    fallback_reason: str | None = None
+    cache_hit: bool | None = None
+
+
+def ort_cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def resolve_device(device: str, backend: str) -> str:
+    if device != "auto":
+        return device
+    if backend != "torch" and ort_cuda_available():
+        return "cuda"
+    if backend == "torch":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def cache_key(checkpoint: Path, task: str, precision: str) -> str:
+    return f"{task}-{precision}-opset{mf.DEFAULT_OPSET}-{mf.checkpoint_sha256(checkpoint)[:20]}"
+
+
+def _valid(folder: Path, sha: str) -> str | None:
+    """None if `folder` holds a usable export of checkpoint `sha`, else why not."""
+    try:
+        m = mf.read_manifest(folder)
+    except ValueError as e:
+        return str(e)
+    if m.get("checkpoint", {}).get("sha256") != sha:
+        return "checkpoint hash differs"
+    if not (m.get("parity") or {}).get("passed"):
+        return "parity was not verified or failed"
+    bad = mf.verify_files(folder, m)
+    return f"damaged files: {', '.join(bad)}" if bad else None
+
+
+def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu") -> Path:
+    """Path of a verified `model.onnx` for the checkpoint, exporting it if the cache has none."""
+    sha = mf.checkpoint_sha256(checkpoint)
+    final = cache_dir / cache_key(checkpoint, task, precision)
+    if final.exists():
+        why = _valid(final, sha)
+        if why is None:
+            logger.info("using cached export %s", final)
+            return final / mf.MODEL_FILE
+        logger.warning("cached export %s is unusable (%s); rebuilding", final, why)
+        trash = cache_dir / f".trash-{uuid.uuid4().hex}"
+        try:
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another process moved it first
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
+    from export.pipeline import export_checkpoint  # imports torch: only on a cache miss
+
+    logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
+    try:
+        export_checkpoint(checkpoint, tmp, task, precision, verify_parity=True, providers=providers)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process finished the same export first: keep theirs if it is sound.
+            if _valid(final, sha) is not None:
+                raise
+            logger.info("another process wrote %s first; using it", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / mf.MODEL_FILE
+
+
+def _context_length(onnx_path: Path) -> int:
+    return int(mf.read_manifest(onnx_path.parent)["model"]["n_positions"])
+
+
+def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "fp32",
+         cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None) -> Loaded:
+    """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION."""
+    checkpoint = Path(checkpoint)
+    dev = resolve_device(device, backend)
+    reason = None
+    if backend in ("auto", "onnxruntime"):
+        try:
+            if dev == "cuda" and not ort_cuda_available():
+                raise RuntimeError("DEVICE=cuda but ONNX Runtime has no CUDAExecutionProvider "
+                                   "(install onnxruntime-gpu)")
+            if precision == "fp16" and dev == "cpu":
+                logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
+            cache_hit = (cache_dir / cache_key(checkpoint, task, precision)).exists()
+            path = ensure_export(checkpoint, task, precision, cache_dir, dev)
+            from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner
+
+            if task == "generate":
+                runner = OrtGenerationRunner(path, dev, num_threads, n_positions=_context_length(path))
+            else:
+                runner = OrtClassificationRunner(path, dev, num_threads)
+            return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, None, cache_hit)
+        except Exception as e:
+            if backend == "onnxruntime":
+                raise
+            reason = f"{type(e).__name__}: {e}"
+            logger.warning("ONNX Runtime cannot serve %s (%s); falling back to PyTorch", checkpoint, reason)
+    from app.engine.torch_runner import TorchClassificationRunner, TorchGenerationRunner
+
+    if dev == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("DEVICE=cuda but neither ONNX Runtime nor PyTorch can use a GPU here")
+    cls = TorchGenerationRunner if task == "generate" else TorchClassificationRunner
+    served_precision = precision if (precision == "fp16" and dev == "cuda") else "fp32"
+    runner = cls(checkpoint, dev, precision, num_threads)
+    return Loaded(runner, task, "torch", dev, served_precision, checkpoint, None, reason)

@@ -1,0 +1,145 @@
+"""ONNX Runtime runners. No torch import here: this is the slim serving path.
+
+Input and output names, head count, head size and vocabulary come from the session itself; a
+graph that lacks a name the runner needs fails at construction, naming what is missing.
+
+On CUDA the runner uses IO binding: ids, mask and positions are bound from the host (a few
+bytes), `present.*` are bound to device memory and fed back as the next step's
+`past_key_values.*` OrtValues, so the KV cache stays on the GPU across steps; only the
+(B, V) logits come back for sampling. Merging or dropping rows (batch membership changes, not
+steps) moves the cache through the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.engine.runner import KV, ClassificationRunner, GenerationRunner, ModelInfo, left_pad
+
+logger = logging.getLogger(__name__)
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+class GraphContractError(RuntimeError):
+    """The ONNX graph does not have the inputs/outputs the runner needs."""
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: str | Path, device: str, num_threads: int | None = None) -> ort.InferenceSession:
+    """A session on `device`; raises if CUDA was asked for and ONNX Runtime could not take it."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if num_threads:
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=providers_for(device))
+    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"CUDAExecutionProvider is not usable (session got {sess.get_providers()})")
+    return sess
+
+
+def _require(sess: ort.InferenceSession, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    have_in = {i.name for i in sess.get_inputs()}
+    have_out = {o.name for o in sess.get_outputs()}
+    missing = [f"input {n}" for n in inputs if n not in have_in] + [f"output {n}" for n in outputs if n not in have_out]
+    if missing:
+        raise GraphContractError(f"ONNX graph is missing {', '.join(missing)}")
+
+
+class OrtGenerationRunner(GenerationRunner):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
+                 n_positions: int = 1024) -> None:
+        self.sess = make_session(path, device, num_threads)
+        self.device = device
+        past = sorted((int(m[1]), m[2], i) for i in self.sess.get_inputs() if (m := _PAST.match(i.name)))
+        n_layer = len({layer for layer, _, _ in past})
+        if n_layer == 0:
+            raise GraphContractError("ONNX graph has no past_key_values.{i}.key/value inputs")
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        _require(self.sess, ["input_ids", "attention_mask", "position_ids", *self.past_names],
+                 ["logits", *self.present_names])
+        shape = past[0][2].shape  # (batch, n_head, past, head_dim) with n_head, head_dim static
+        self.kv_dtype = np.float16 if past[0][2].type == "tensor(float16)" else np.float32
+        logits_shape = next(o for o in self.sess.get_outputs() if o.name == "logits").shape
+        super().__init__(ModelInfo(n_layer, int(shape[1]), int(shape[3]), int(logits_shape[-1]), n_positions))
+        self.io_binding = device == "cuda"
+        logger.info("ONNX Runtime generation runner on %s (%s), %d layers, kv %s, io binding %s",
+                    device, self.sess.get_providers()[0], n_layer, np.dtype(self.kv_dtype).name, self.io_binding)
+
+    def _empty_kv(self, n: int) -> list[Any]:
+        z = np.zeros((n, self.info.n_head, 0, self.info.head_dim), self.kv_dtype)
+        return [self._to_device(z) for _ in self.past_names]
+
+    def _to_device(self, a: np.ndarray) -> Any:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) if self.io_binding else a
+
+    def _to_host(self, kv: KV) -> list[np.ndarray]:
+        return [v.numpy() for v in kv] if self.io_binding else kv
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None) -> tuple[np.ndarray, KV]:
+        kv = kv if kv is not None else self._empty_kv(ids.shape[0])
+        if not self.io_binding:
+            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(self.past_names, kv,
+                                                                                                strict=True))}
+            outs = self.sess.run(["logits", *self.present_names], feed)
+            return outs[0], outs[1:]
+        binding = self.sess.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", pos)
+        for name, value in zip(self.past_names, kv, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cuda", 0)
+        self.sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), list(outs[1:])
+
+    # KV moves: numpy on CPU; through the host on CUDA (only when batch membership changes).
+    def _map(self, kv: KV, fn) -> KV:  # noqa: ANN001
+        return [self._to_device(fn(a)) for a in self._to_host(kv)]
+
+    def _kv_pad_left(self, kv: KV, cols: int) -> KV:
+        return self._map(kv, lambda a: np.pad(a, ((0, 0), (0, 0), (cols, 0), (0, 0))))
+
+    def _kv_cat_rows(self, a: KV, b: KV) -> KV:
+        return [self._to_device(np.concatenate([x, y])) for x, y in
+                zip(self._to_host(a), self._to_host(b), strict=True)]
+
+    def _kv_take_rows(self, kv: KV, rows: np.ndarray) -> KV:
+        return self._map(kv, lambda a: a[rows])
+
+    def _kv_drop_cols(self, kv: KV, cols: int) -> KV:
+        return self._map(kv, lambda a: a[:, :, cols:])
+
+
+class OrtClassificationRunner(ClassificationRunner):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None) -> None:
+        self.sess = make_session(path, device, num_threads)
+        self.device = device
+        _require(self.sess, ["input_ids", "attention_mask"], ["logits"])
+
+    def classify(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, mask = left_pad(prompts)
+        (logits,) = self.sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+        return logits.astype(np.float32)

@@ -1,0 +1,116 @@
+"""Next-token choice on last-position logits, with the semantics of transformers' processors.
+
+Order as in `transformers.generate`: repetition penalty, then temperature, top-k, top-p; then
+argmax (greedy) or a draw from the request's own seeded generator, so a seeded request gives the
+same tokens whoever shares its batch. The reported log-probability is the chosen token's under
+the distribution after penalty and temperature, before top-k/top-p truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    @property
+    def sampling(self) -> bool:
+        """TGI's rule: any warper (temperature, top_k, top_p) switches sampling on."""
+        warped = (self.temperature not in (None, 1.0)) or bool(self.top_k) or (self.top_p not in (None, 1.0))
+        return self.do_sample or warped
+
+
+@dataclass
+class Sampler:
+    """Per-request state: the parameters, the seeded generator, and the tokens seen so far."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    seed: int = field(init=False)
+    rng: np.random.Generator = field(init=False)
+    seen: set[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.seed = self.params.seed if self.params.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+        self.rng = np.random.default_rng(self.seed)
+        self.seen = set(self.prompt_ids)
+
+    def __call__(self, logits: np.ndarray) -> tuple[int, float]:
+        """Choose the next token from one row of logits (V,); returns (id, logprob)."""
+        token, logprob = choose(logits, self.params, self.seen, self.rng)
+        self.seen.add(token)
+        return token, logprob
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: set[int] | list[int], penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits are divided
+    by the penalty, negative ones multiplied."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = np.fromiter(seen, dtype=np.int64)
+    idx = idx[(idx >= 0) & (idx < logits.shape[-1])]
+    out = logits.copy()
+    vals = out[idx]
+    out[idx] = np.where(vals < 0, vals * penalty, vals / penalty)
+    return out
+
+
+def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest (ties at the k-th value kept, as transformers does); O(V) partition."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
+    """transformers' TopPLogitsWarper: drop the tail whose cumulative probability is <= 1 - p,
+    always keeping the most likely token."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits, kind="stable")  # ascending, like transformers
+    probs = _softmax(logits[order])
+    remove = np.cumsum(probs) <= (1.0 - p)
+    remove[-1] = False
+    out = logits.copy()
+    out[order[remove]] = -np.inf
+    return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max())
+    return z / z.sum()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def choose(logits: np.ndarray, params: SamplingParams, seen: set[int], rng: np.random.Generator) -> tuple[int, float]:
+    scores = logits.astype(np.float32, copy=False)
+    if params.repetition_penalty not in (None, 1.0):
+        scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
+    if not params.sampling:
+        token = int(np.argmax(scores))
+        return token, float(log_softmax(scores)[token])
+    if params.temperature not in (None, 1.0):
+        scores = scores / np.float32(params.temperature)
+    logprobs = log_softmax(scores)
+    if params.top_k:
+        scores = top_k_mask(scores, params.top_k)
+    if params.top_p not in (None, 1.0):
+        scores = top_p_mask(scores, params.top_p)
+    probs = _softmax(scores)
+    token = int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"))
+    token = min(token, probs.shape[-1] - 1)
+    return token, float(logprobs[token])

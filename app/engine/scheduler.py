@@ -1,0 +1,270 @@
+"""Continuous batching on one worker thread that owns the models.
+
+Each iteration of the worker:
+  1. drops rows whose request was cancelled or failed,
+  2. runs pending classification batches,
+  3. admits queued generation requests in FIFO order while the batch has room (`max_batch_size`
+     rows and a budget of prompt + max_new_tokens tokens) and prefills them together,
+  4. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
+New requests therefore join between decode steps and finished ones leave at once. Events reach
+each request's asyncio queue through `loop.call_soon_threadsafe`; the event loop never runs a
+model step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.engine.runner import ClassificationRunner, GenerationRunner
+from app.engine.sampling import Sampler, SamplingParams
+from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float
+    special: bool = False
+
+
+@dataclass
+class Finish:
+    reason: str  # "length" | "eos_token" | "stop_sequence"
+    generated_text: str
+    generated_tokens: int
+    seed: int | None
+    tokens: list[Token]
+
+
+@dataclass
+class StreamEvent:
+    index: int  # 0-based index of the generated token
+    token: Token
+    finish: Finish | None = None  # set on the last event
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 20
+    stop: list[str] = field(default_factory=list)
+    stop_at_eos: bool = True
+
+
+class _Seq:
+    """One generation request inside the scheduler."""
+
+    def __init__(self, req: GenerationRequest, tokenizer: GPT2Tokenizer, eos_id: int | None,
+                 emit: Callable[[Any], None]) -> None:
+        self.req = req
+        self.sampler = Sampler(req.params, req.prompt_ids)
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id
+        self.emit = emit
+        self.tokens: list[Token] = []
+        self.text = ""
+        self.cancelled = False
+        self.finished = False
+        self.last_token = -1
+        self.created = time.perf_counter()
+        self.budget = len(req.prompt_ids) + req.max_new_tokens
+
+    def accept(self, logits_row: np.ndarray, context_limit: int) -> None:
+        """Sample the next token from `logits_row`, emit it, and decide whether we are done."""
+        token_id, logprob = self.sampler(logits_row)
+        self.last_token = token_id
+        special = token_id in self.tokenizer.special_ids
+        delta = self.decoder.push(token_id)
+        tok = Token(token_id, self.tokenizer.id_to_token_text(token_id), logprob, special)
+        self.tokens.append(tok)
+        reason = None
+        self.text += delta
+        if self.req.stop_at_eos and token_id == self.eos_id:
+            reason = "eos_token"
+        elif self.req.stop:
+            window = len(delta) + max(len(s) for s in self.req.stop)
+            tail_start = max(0, len(self.text) - window)
+            hits = [(i, s) for s in self.req.stop if (i := self.text.find(s, tail_start)) >= 0]
+            if hits:
+                i, s = min(hits)
+                self.text = self.text[: i + len(s)]  # the stop sequence is kept, as TGI does
+                reason = "stop_sequence"
+        if reason is None and (len(self.tokens) >= self.req.max_new_tokens
+                               or len(self.req.prompt_ids) + len(self.tokens) >= context_limit):
+            reason = "length"
+        finish = None
+        if reason is not None:
+            if reason != "stop_sequence":
+                self.text += self.decoder.flush()
+            self.finished = True
+            finish = Finish(reason, self.text, len(self.tokens), self.sampler.seed, list(self.tokens))
+        self.emit(StreamEvent(len(self.tokens) - 1, tok, finish))
+
+    def fail(self, exc: BaseException) -> None:
+        self.finished = True
+        self.emit(exc)
+
+
+@dataclass
+class _Classify:
+    prompts: list[list[int]]
+    done: Callable[[Any], None]
+
+
+class Scheduler:
+    """Owns the runners; `submit`/`classify` are thread-safe and non-blocking."""
+
+    def __init__(self, runner: GenerationRunner | None, tokenizer: GPT2Tokenizer | None,
+                 classifier: ClassificationRunner | None = None, max_batch_size: int = 8,
+                 max_batch_total_tokens: int = 16384, eos_token_id: int | None = None,
+                 on_step: Callable[[dict[str, float]], None] | None = None) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.classifier = classifier
+        self.max_batch_size = max_batch_size
+        self.max_batch_total_tokens = max_batch_total_tokens
+        self.eos_id = eos_token_id
+        self.on_step = on_step
+        self.context_limit = runner.info.n_positions if runner else 0
+        self._queue: deque[_Seq] = deque()
+        self._classify: deque[_Classify] = deque()
+        self._active: list[_Seq] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
+
+    # ---- public, any thread ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._active)
+
+    def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop,
+               queue: asyncio.Queue) -> _Seq:
+        if self.runner is None or self.tokenizer is None:
+            raise RuntimeError("no generation model is loaded")
+        seq = _Seq(req, self.tokenizer, self.eos_id, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        with self._cond:
+            self._queue.append(seq)
+            self._cond.notify()
+        return seq
+
+    def cancel(self, seq: _Seq) -> None:
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify()
+
+    def classify(self, prompts: list[list[int]], done: Callable[[Any], None]) -> None:
+        if self.classifier is None:
+            raise RuntimeError("no classification model is loaded")
+        with self._cond:
+            self._classify.append(_Classify(prompts, done))
+            self._cond.notify()
+
+    # ---- the worker --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._queue or self._classify or self._active):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                pending_cls = list(self._classify)
+                self._classify.clear()
+            try:
+                self._drop(lambda s: s.cancelled)
+                if pending_cls:
+                    self._run_classify(pending_cls)
+                if self.runner is not None:
+                    self._generation_step()
+            except Exception as e:  # a failed step fails its requests, never the worker
+                logger.exception("engine step failed")
+                for s in self._active:
+                    s.fail(e)
+                self._active = []
+                if self.runner is not None:
+                    self.runner.reset()
+        for s in self._active + list(self._queue):
+            s.fail(RuntimeError("engine stopped"))
+
+    def _drop(self, pred: Callable[[_Seq], bool]) -> None:
+        rows = [i for i, s in enumerate(self._active) if pred(s)]
+        if rows:
+            self.runner.drop(rows)
+            self._active = [s for s in self._active if not pred(s)]
+
+    def _admit(self) -> list[_Seq]:
+        used = sum(s.budget for s in self._active)
+        admitted: list[_Seq] = []
+        with self._cond:
+            while self._queue and len(self._active) + len(admitted) < self.max_batch_size:
+                head = self._queue[0]
+                if head.cancelled:
+                    self._queue.popleft()
+                    continue
+                # FIFO: when the head does not fit the token budget, nobody overtakes it
+                # (unless the batch is empty: a request alone always runs).
+                if used + head.budget > self.max_batch_total_tokens and (self._active or admitted):
+                    break
+                admitted.append(self._queue.popleft())
+                used += head.budget
+        return admitted
+
+    def _generation_step(self) -> None:
+        t0 = time.perf_counter()
+        new = self._admit()
+        if new:
+            logits = self.runner.add([s.req.prompt_ids for s in new])
+            self._active.extend(new)
+            for s, row in zip(new, logits, strict=True):
+                s.accept(row, self.context_limit)
+            self._drop(lambda s: s.finished or s.cancelled)
+        if self._active:
+            logits = self.runner.step([s.last_token for s in self._active])
+            for s, row in zip(self._active, logits, strict=True):
+                s.accept(row, self.context_limit)
+            self._drop(lambda s: s.finished or s.cancelled)
+        if self.on_step:
+            self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": len(new),
+                          "queue": len(self._queue)})
+
+    def _run_classify(self, jobs: Sequence[_Classify]) -> None:
+        flat = [p for j in jobs for p in j.prompts]
+        try:
+            logits = np.concatenate([self.classifier.classify(flat[i:i + self.max_batch_size * 4])
+                                     for i in range(0, len(flat), self.max_batch_size * 4)])
+        except Exception as e:
+            logger.exception("classification batch failed")
+            for j in jobs:
+                j.done(e)
+            return
+        k = 0
+        for j in jobs:
+            j.done(logits[k:k + len(j.prompts)])
+            k += len(j.prompts)

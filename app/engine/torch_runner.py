@@ -1,0 +1,72 @@
+"""PyTorch runners: the fallback, running the `model/` GPT-2 directly on CPU or CUDA."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.engine.runner import KV, ClassificationRunner, GenerationRunner, ModelInfo, left_pad
+from model import load_pretrained
+
+logger = logging.getLogger(__name__)
+
+
+def _dtype(precision: str, device: str) -> torch.dtype:
+    # int8 is an ONNX Runtime feature; the torch fallback serves such a request in fp32.
+    return torch.float16 if precision == "fp16" and device == "cuda" else torch.float32
+
+
+class TorchGenerationRunner(GenerationRunner):
+    backend = "torch"
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32",
+                 num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = device
+        self.model = load_pretrained(checkpoint, dtype=_dtype(precision, device), device=device)
+        cfg = self.model.config
+        super().__init__(ModelInfo(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.n_positions))
+        logger.info("PyTorch generation runner on %s (%s)", device, self.model.transformer.wte.weight.dtype)
+
+    @torch.inference_mode()
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None) -> tuple[np.ndarray, KV]:
+        t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        past = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.info.n_layer)) if kv is not None else None
+        out = self.model(t(ids), t(mask), t(pos), past, last_only=True)
+        flat = [x for pair in out.past_key_values for x in pair]
+        return out.logits.float().cpu().numpy(), flat
+
+    def _kv_pad_left(self, kv: KV, cols: int) -> KV:
+        return [torch.nn.functional.pad(a, (0, 0, cols, 0)) for a in kv]
+
+    def _kv_cat_rows(self, a: KV, b: KV) -> KV:
+        return [torch.cat([x, y]) for x, y in zip(a, b, strict=True)]
+
+    def _kv_take_rows(self, kv: KV, rows: np.ndarray) -> KV:
+        idx = torch.from_numpy(rows).to(self.device)
+        return [a.index_select(0, idx) for a in kv]
+
+    def _kv_drop_cols(self, kv: KV, cols: int) -> KV:
+        return [a[:, :, cols:].contiguous() for a in kv]
+
+
+class TorchClassificationRunner(ClassificationRunner):
+    backend = "torch"
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32",
+                 num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = device
+        self.model = load_pretrained(checkpoint, dtype=_dtype(precision, device), device=device)
+
+    @torch.inference_mode()
+    def classify(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        ids, mask = left_pad(prompts)
+        out = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+        return out.logits.float().cpu().numpy()
