@@ -140,9 +140,10 @@ class FusedAddLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd))
         self.eps = eps
+        self.onnx_fused = True  # False exports the plain Add + LayerNormalization (for comparison)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.onnx.is_in_onnx_export():
+        if self.onnx_fused and torch.onnx.is_in_onnx_export():
             return _skip_layer_norm_onnx(x, residual, self.weight, self.bias, self.eps)
         residual_sum = x + residual  # (B, T, C)
         normed = F.layer_norm(residual_sum, (residual_sum.shape[-1],), self.weight, self.bias, self.eps)
@@ -192,9 +193,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
         self.onnx_gelu = _ONNX_GELU.get(config.activation_function)
+        self.onnx_fused = True  # False exports the decomposed activation (for comparison)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onnx_gelu and torch.onnx.is_in_onnx_export():
+        if self.onnx_fused and self.onnx_gelu and torch.onnx.is_in_onnx_export():
             # The c_fc bias moves into the fused GELU node: MatMul -> FastGelu/BiasGelu(h, bias).
             h = _bias_gelu_onnx(F.linear(x, self.c_fc.weight), self.c_fc.bias, self.onnx_gelu)  # (B, T, 4C)
         else:

@@ -27,7 +27,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 _BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
@@ -133,7 +133,7 @@ class GPT2Tokenizer:
             pos += len(piece)
         if "".join(pieces) + dec.flush() != text:
             spans = enc.offsets  # ids don't reproduce text byte-for-byte (normalizer, prefix space)
-        return [(i, self.id_to_token_text(i), a, b) for i, (a, b) in zip(enc.ids, spans)]
+        return [(i, self.id_to_token_text(i), a, b) for i, (a, b) in zip(enc.ids, spans, strict=True)]
 
 
 class IncrementalDecoder:
