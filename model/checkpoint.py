@@ -119,6 +119,12 @@ def _to_our_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _shape_mismatch(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    if _CONV1D_WEIGHT.search(key):  # say it in the layout the file uses: HF Conv1D (in, out)
+        return f"{key}: checkpoint {got[::-1]} vs model {want[::-1]} (Conv1D layout, in x out)"
+    return f"{key}: checkpoint {got} vs model {want}"
+
+
 def load_pretrained(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -136,11 +142,8 @@ def load_pretrained(
     expected.pop("lm_head.weight", None)  # tied to transformer.wte.weight
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != expected[k]
-    )
+    misshaped = sorted(_shape_mismatch(k, tuple(state[k].shape), expected[k])
+                       for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
     if lm_head is not None and "transformer.wte.weight" in state:
         wte = state["transformer.wte.weight"]
         if lm_head.shape != wte.shape or not torch.equal(lm_head.to(wte.dtype), wte):

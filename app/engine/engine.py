@@ -32,7 +32,7 @@ class InputError(ValueError):
         self.field = field
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailableError(RuntimeError):
     """The requested model is not loaded (or the engine is stopped)."""
 
 
@@ -99,7 +99,7 @@ class Engine:
     def prepare(self, inputs: str | list[int], max_new_tokens: int, params: SamplingParams | None = None,
                 stop: list[str] | None = None) -> GenerationRequest:
         if self.generation is None:
-            raise EngineUnavailable("no generation model is loaded")
+            raise EngineUnavailableError("no generation model is loaded")
         ids = self.tokenizer.encode(inputs) if isinstance(inputs, str) else list(inputs)
         if not ids:
             raise InputError("inputs", "must not be empty")
@@ -141,7 +141,7 @@ class Engine:
     async def classify(self, texts: list[str], top_k: int | None = None, truncate: bool = False,
                        max_tokens: int | None = None) -> list[list[Label]]:
         if self.classification is None:
-            raise EngineUnavailable("no classification model is loaded")
+            raise EngineUnavailableError("no classification model is loaded")
         limit = max_tokens or self.max_input_tokens or 1024
         prompts = []
         for i, text in enumerate(texts):

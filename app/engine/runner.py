@@ -99,9 +99,9 @@ class GenerationRunner(ABC):
             P, T = self.past_length, mask.shape[1]
             width = max(P, T)
             old_kv, new_kv = self.kv, kv
-            if P < width:
+            if width > P:
                 old_kv = self._kv_pad_left(old_kv, width - P)
-            if T < width:
+            if width > T:
                 new_kv = self._kv_pad_left(new_kv, width - T)
             self.kv = self._kv_cat_rows(old_kv, new_kv)
             self.mask = np.concatenate([_pad_cols(self.mask, width), _pad_cols(mask, width)])

@@ -1,0 +1,256 @@
+"""The engine end to end below HTTP: real runners (ONNX Runtime and PyTorch), real tokenizer,
+transformers' `generate` as the reference."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from app.engine.engine import Engine, InputError
+from app.engine.sampling import SamplingParams
+from tests.conftest import make_hf_checkpoint
+
+PROMPTS = [f"Request {i} is about" + " the weather" * (i % 6) + ("!" * (i % 3)) for i in range(16)]
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "torch"])
+def engine(request, tiny_lm_dir, tiny_classifier_dir, tmp_path_factory):
+    eng = Engine.load(tiny_lm_dir, tiny_classifier_dir, backend=request.param,
+                      cache_dir=tmp_path_factory.getbasetemp() / "onnx_cache", max_batch_size=8,
+                      max_batch_total_tokens=4096, max_input_tokens=100)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tiny_lm_dir):
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_greedy_alone_equals_transformers(engine, hf_lm) -> None:
+    for text in PROMPTS[:3]:
+        res = run(engine.generate(engine.prepare(text, 24)))
+        ids = engine.tokenizer.encode(text)
+        assert [t.id for t in res.tokens] == hf_greedy(hf_lm, ids, 24)
+        assert res.reason == "length" and res.generated_tokens == 24
+        assert res.generated_text == engine.tokenizer.decode([t.id for t in res.tokens])
+
+
+def test_16_concurrent_requests_equal_transformers(engine, hf_lm) -> None:
+    """More requests than MAX_BATCH_SIZE (8), all lengths differ: rows join and leave mid-flight."""
+    lens = [5 + 3 * i for i in range(16)]
+
+    async def go():
+        return await asyncio.gather(*[engine.generate(engine.prepare(p, n)) for p, n in zip(PROMPTS, lens,
+                                                                                             strict=True)])
+
+    results = run(go())
+    for p, n, res in zip(PROMPTS, lens, results, strict=True):
+        assert [t.id for t in res.tokens] == hf_greedy(hf_lm, engine.tokenizer.encode(p), n), p
+
+
+def test_seeded_sampling_is_the_same_alone_or_batched(engine) -> None:
+    params = SamplingParams(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    alone = run(engine.generate(engine.prepare(PROMPTS[1], 16, params)))
+
+    async def batched():
+        others = [engine.generate(engine.prepare(p, 12, SamplingParams(do_sample=True, seed=i)))
+                  for i, p in enumerate(PROMPTS[4:10])]
+        return await asyncio.gather(engine.generate(engine.prepare(PROMPTS[1], 16, params)), *others)
+
+    together = run(batched())[0]
+    assert [t.id for t in together.tokens] == [t.id for t in alone.tokens]
+    assert together.seed == alone.seed == 1234
+    other_seed = run(engine.generate(engine.prepare(PROMPTS[1], 16, SamplingParams(do_sample=True, seed=99))))
+    assert [t.id for t in other_seed.tokens] != [t.id for t in alone.tokens]
+
+
+def test_top_k_1_equals_greedy(engine) -> None:
+    greedy = run(engine.generate(engine.prepare(PROMPTS[2], 12)))
+    k1 = run(engine.generate(engine.prepare(PROMPTS[2], 12, SamplingParams(do_sample=True, top_k=1, seed=3))))
+    assert [t.id for t in k1.tokens] == [t.id for t in greedy.tokens]
+
+
+def test_logprobs_are_reported_and_negative(engine) -> None:
+    res = run(engine.generate(engine.prepare(PROMPTS[0], 5)))
+    assert all(t.logprob <= 0 and np.isfinite(t.logprob) for t in res.tokens)
+
+
+def test_stop_sequence_spanning_tokens(engine) -> None:
+    full = run(engine.generate(engine.prepare(PROMPTS[0], 24)))
+    ids = [t.id for t in full.tokens]
+    # A stop string made of the tail of token 3 and the head of token 4: it spans a boundary.
+    t3, t4 = engine.tokenizer.decode(ids[:4]), engine.tokenizer.decode(ids[:5])
+    assert len(t3) >= 2 and len(t4) > len(t3)
+    stop = t4[len(t3) - 2: len(t3) + 1]
+    expected_end = t4.find(stop) + len(stop)
+    res = run(engine.generate(engine.prepare(PROMPTS[0], 24, stop=[stop, "never-appears-xyz"])))
+    assert res.reason == "stop_sequence"
+    assert res.generated_text == t4[:expected_end]
+    assert res.generated_text.endswith(stop)
+    assert res.generated_tokens <= 5
+
+
+@pytest.fixture(scope="module")
+def eos_engine(tmp_path_factory, request):
+    """A tiny LM rigged so that EOS is always the greedy choice: ln_f outputs a constant vector b
+    (weight 0, bias b) and the EOS row of the tied embedding points along b."""
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("eos_lm"), "generate", seed=7)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        b = torch.randn(hf.config.n_embd)
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.copy_(b)
+        hf.transformer.wte.weight[hf.config.eos_token_id] = 10 * b / b.norm()
+    hf.save_pretrained(folder)
+    eng = Engine.load(folder, None, backend="onnxruntime", cache_dir=tmp_path_factory.mktemp("eos_cache"))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def test_eos_finishes_with_eos_token(eos_engine) -> None:
+    res = run(eos_engine.generate(eos_engine.prepare(PROMPTS[0], 10)))
+    assert res.reason == "eos_token" and res.generated_tokens == 1
+    assert res.tokens[0].id == eos_engine.tokenizer.eos_token_id and res.tokens[0].special
+    assert res.generated_text == ""  # special tokens are not part of the text
+
+
+def test_max_new_tokens_and_context_limit(engine) -> None:
+    assert run(engine.generate(engine.prepare("Hi", 1))).generated_tokens == 1
+    with pytest.raises(InputError, match="max_new_tokens") as e:
+        engine.prepare("Hi", engine.context_length)
+    assert e.value.field == "max_new_tokens"
+    with pytest.raises(InputError, match="inputs: must not be empty"):
+        engine.prepare("", 5)
+    with pytest.raises(InputError, match="MAX_INPUT_TOKENS"):
+        engine.prepare("word " * 150, 5)
+
+
+def test_cancelled_request_leaves_the_batch_and_others_finish(engine, hf_lm) -> None:
+    async def go():
+        long_req = engine.prepare(PROMPTS[3], 100)
+        events = 0
+        others = [asyncio.create_task(engine.generate(engine.prepare(p, 20))) for p in PROMPTS[5:8]]
+        agen = engine.generate_stream(long_req)
+        async for _ev in agen:
+            events += 1
+            if events == 3:
+                break
+        await agen.aclose()  # what a client disconnect does
+        results = await asyncio.gather(*others)
+        for _ in range(50):  # the cancelled row leaves at the next step
+            if engine.scheduler.batch_size == 0:
+                break
+            await asyncio.sleep(0.02)
+        return events, results
+
+    events, results = run(go())
+    assert events == 3
+    assert engine.scheduler.batch_size == 0 and engine.scheduler.queue_size == 0
+    for p, res in zip(PROMPTS[5:8], results, strict=True):
+        assert [t.id for t in res.tokens] == hf_greedy(hf_lm, engine.tokenizer.encode(p), 20)
+
+
+def test_stream_events_carry_tokens_and_final_text(engine) -> None:
+    async def go():
+        return [ev async for ev in engine.generate_stream(engine.prepare(PROMPTS[0], 6))]
+
+    events = run(go())
+    assert [e.index for e in events] == list(range(6))
+    assert all(e.finish is None for e in events[:-1]) and events[-1].finish.reason == "length"
+    assert events[-1].finish.generated_text == engine.tokenizer.decode([e.token.id for e in events])
+
+
+def test_classify_batches_sorted_softmax(engine, tiny_classifier_dir) -> None:
+    clf = transformers.GPT2ForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
+    texts = ["I love this film", "Terrible, awful, bad.", "It is a chair."]
+
+    async def go():
+        return await asyncio.gather(*[engine.classify([t]) for t in texts], engine.classify(texts, top_k=2))
+
+    *singles, many = run(go())
+    for text, (labels,) in zip(texts, singles, strict=True):
+        ids = engine.cls_tokenizer.encode(text)
+        with torch.no_grad():
+            probs = torch.softmax(clf(torch.tensor([ids])).logits[0], -1).numpy()
+        assert [lab.label for lab in labels] == [clf.config.id2label[i] for i in np.argsort(-probs)]
+        np.testing.assert_allclose([lab.score for lab in labels], np.sort(probs)[::-1], atol=1e-5)
+        assert sum(lab.score for lab in labels) == pytest.approx(1.0, abs=1e-5)
+    assert [len(r) for r in many] == [2, 2, 2]
+    assert [r[0].label for r in many] == [s[0][0].label for s in singles]
+
+
+def test_classify_rejects_or_truncates_long_input(engine) -> None:
+    long = "word" + " word" * 149
+    with pytest.raises(InputError, match=r"inputs\[1\]: 150 tokens exceed the limit of 100"):
+        run(engine.classify(["short", long]))
+    (res,) = run(engine.classify([long], truncate=True))
+    assert len(res) == 3
+    with pytest.raises(InputError, match="top_k"):
+        run(engine.classify(["x"], top_k=0))
+
+
+def test_info_reports_backend_and_device(engine, request) -> None:
+    info = engine.info()
+    backend = request.node.callspec.params["engine"]
+    assert info["generation"]["backend"] == backend and info["generation"]["device"] == "cpu"
+    assert info["classification"]["backend"] == backend
+    assert info["labels"] == ["negative", "neutral", "positive"]
+    assert (info["generation"]["onnx_path"] is None) == (backend == "torch")
+
+
+def test_runner_failure_fails_its_requests_and_the_engine_keeps_serving(engine) -> None:
+    runner = engine.generation.runner
+    original = runner._forward
+    calls = {"n": 0}
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device fault")
+        return original(*args, **kwargs)
+
+    runner._forward = broken
+    try:
+        with pytest.raises(RuntimeError, match="simulated device fault"):
+            run(engine.generate(engine.prepare(PROMPTS[0], 5)))
+    finally:
+        runner._forward = original
+    assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
+
+
+def test_engine_path_of_onnxruntime_does_not_import_torch(tmp_path, tiny_lm_dir) -> None:
+    """A cache hit serves without torch in the process."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "c"
+    code = (
+        "import sys; from pathlib import Path; from app.engine.engine import Engine\n"
+        f"e = Engine.load(Path({str(tiny_lm_dir)!r}), None, backend='onnxruntime', cache_dir=Path({str(cache)!r}))\n"
+        "print('torch' in sys.modules, e.generation.cache_hit)\n"
+    )
+    repo = Path(__file__).resolve().parents[3]
+    first = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["True", "False"]  # the first start exports (torch needed)
+    second = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["False", "True"]

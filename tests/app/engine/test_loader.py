@@ -1,0 +1,123 @@
+"""Backend selection, the export cache (reuse, damage, concurrent starts) and the real fallback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from app.engine import loader
+from app.engine.ort_runner import GraphContractError, OrtGenerationRunner
+from export.manifest import file_sha256, read_manifest
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def greedy(runner, ids: list[int], n: int) -> list[int]:
+    out = [int(runner.add([ids])[0].argmax())]
+    for _ in range(n - 1):
+        out.append(int(runner.step([out[-1]])[0].argmax()))
+    runner.reset()
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_first_start_exports_then_the_cache_is_reused(cache, tiny_lm_dir) -> None:
+    first = loader.load("generate", tiny_lm_dir, cache_dir=cache)
+    assert first.backend == "onnxruntime" and first.cache_hit is False and first.fallback_reason is None
+    mtime = first.onnx_path.stat().st_mtime_ns
+    second = loader.load("generate", tiny_lm_dir, cache_dir=cache)
+    assert second.cache_hit is True and second.onnx_path == first.onnx_path
+    assert second.onnx_path.stat().st_mtime_ns == mtime  # not rewritten
+    assert sorted(p.name for p in cache.iterdir()) == [first.onnx_path.parent.name]  # no temp leftovers
+
+
+def test_a_damaged_cached_file_is_detected_and_rebuilt(cache, tiny_lm_dir) -> None:
+    lo = loader.load("generate", tiny_lm_dir, cache_dir=cache)
+    ref = greedy(lo.runner, [464, 2068, 7586], 8)
+    with open(lo.onnx_path, "r+b") as f:  # flip bytes in the middle of the weights
+        f.seek(lo.onnx_path.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    rebuilt = loader.load("generate", tiny_lm_dir, cache_dir=cache)
+    assert rebuilt.backend == "onnxruntime" and rebuilt.fallback_reason is None
+    manifest = read_manifest(rebuilt.onnx_path.parent)
+    assert file_sha256(rebuilt.onnx_path) == manifest["files"]["model.onnx"]
+    assert greedy(rebuilt.runner, [464, 2068, 7586], 8) == ref
+
+
+def test_unloadable_onnx_makes_auto_fall_back_to_torch_with_the_same_tokens(tmp_path, tiny_lm_dir) -> None:
+    """A truncated model.onnx whose manifest vouches for it: ONNX Runtime really fails to load it."""
+    good = loader.load("generate", tiny_lm_dir, cache_dir=tmp_path)
+    ref = greedy(good.runner, [464, 2068, 7586, 21831], 10)
+    path = good.onnx_path
+    path.write_bytes(path.read_bytes()[:5000])
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = file_sha256(path)
+    (path.parent / "manifest.json").write_text(json.dumps(manifest))
+
+    fell_back = loader.load("generate", tiny_lm_dir, cache_dir=tmp_path)
+    assert fell_back.backend == "torch" and fell_back.onnx_path is None
+    assert "onnxruntime" in fell_back.fallback_reason.lower() or "fail" in fell_back.fallback_reason.lower()
+    assert greedy(fell_back.runner, [464, 2068, 7586, 21831], 10) == ref
+    with pytest.raises(Exception):  # noqa: B017 - BACKEND=onnxruntime must not hide the failure
+        loader.load("generate", tiny_lm_dir, backend="onnxruntime", cache_dir=tmp_path)
+
+
+def test_export_failure_falls_back_and_names_the_reason(tmp_path, tiny_lm_dir) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    lo = loader.load("generate", tiny_lm_dir, cache_dir=blocker)
+    assert lo.backend == "torch" and lo.fallback_reason
+    assert "not-a-dir" in lo.fallback_reason
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path, tiny_lm_dir) -> None:
+    if loader.ort_cuda_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
+        loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", cache_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="neither ONNX Runtime nor PyTorch can use a GPU"):
+        loader.load("generate", tiny_lm_dir, backend="auto", device="cuda", cache_dir=tmp_path)
+
+
+def test_runner_fails_fast_on_a_graph_missing_an_output(cache, tiny_lm_dir, tmp_path) -> None:
+    lo = loader.load("generate", tiny_lm_dir, cache_dir=cache)
+    proto = onnx.load(str(lo.onnx_path))
+    out = next(o for o in proto.graph.output if o.name == "present.1.value")
+    proto.graph.output.remove(out)
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    with pytest.raises(GraphContractError, match="missing output present.1.value"):
+        OrtGenerationRunner(tmp_path / "m.onnx")
+
+
+def test_two_processes_starting_at_once_share_one_sound_export(tmp_path, tiny_lm_dir) -> None:
+    code = (
+        "import sys; from pathlib import Path; from app.engine import loader\n"
+        f"lo = loader.load('generate', Path({str(tiny_lm_dir)!r}), cache_dir=Path({str(tmp_path)!r}))\n"
+        "r = lo.runner; t = r.add([[464, 2068]])[0].argmax(); print(lo.backend, lo.onnx_path, int(t))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    lines = [o[0].split() for o in outs]
+    assert lines[0] == lines[1] and lines[0][0] == "onnxruntime"
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert len(entries) == 1 and not entries[0].startswith(".")  # no temp or trash left behind
+    assert loader._valid(tmp_path / entries[0], read_manifest(tmp_path / entries[0])["checkpoint"]["sha256"]) is None
+
+
+def test_classifier_loads_on_both_backends_with_equal_logits(cache, tiny_classifier_dir) -> None:
+    ort_lo = loader.load("classify", tiny_classifier_dir, cache_dir=cache)
+    torch_lo = loader.load("classify", tiny_classifier_dir, backend="torch", cache_dir=cache)
+    prompts = [[464, 2068, 7586], [1212]]
+    np.testing.assert_allclose(ort_lo.runner.classify(prompts), torch_lo.runner.classify(prompts), atol=1e-4)

@@ -1,0 +1,88 @@
+"""Sampling matches transformers' logits processors on the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from app.engine.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    choose,
+    top_k_mask,
+    top_p_mask,
+)
+
+V = 50257
+
+
+@pytest.fixture
+def logits() -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 3, size=V).astype(np.float32)
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_matches_transformers(logits, penalty) -> None:
+    seen = [5, 17, 17, 300, 50256, 1234]
+    logits[[5, 17]] = [-2.5, 4.0]  # one negative and one positive seen logit
+    ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen]), torch.from_numpy(logits[None].copy()))
+    np.testing.assert_allclose(apply_repetition_penalty(logits, set(seen), penalty), ref[0].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 1000])
+def test_top_k_matches_transformers(logits, k) -> None:
+    ref = TopKLogitsWarper(k)(None, torch.from_numpy(logits[None].copy()))[0].numpy()
+    ours = top_k_mask(logits, k)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref))
+    assert np.isfinite(ours).sum() == k
+
+
+@pytest.mark.parametrize("p", [0.001, 0.3, 0.9, 0.99])
+def test_top_p_matches_transformers(logits, p) -> None:
+    ref = TopPLogitsWarper(p)(None, torch.from_numpy(logits[None].copy()))[0].numpy()
+    ours = top_p_mask(logits, p)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref))
+
+
+def test_temperature_then_top_k_top_p_chain_matches_transformers(logits) -> None:
+    t = torch.from_numpy(logits[None].copy())
+    for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)):
+        t = proc(None, t)
+    ours = logits / np.float32(0.7)
+    ours = top_p_mask(top_k_mask(ours, 40), 0.8)
+    np.testing.assert_allclose(np.where(np.isinf(ours), 0, ours), np.where(np.isinf(t[0].numpy()), 0, t[0].numpy()),
+                               rtol=1e-6)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(logits) -> None:
+    greedy, _ = choose(logits, SamplingParams(), set(), np.random.default_rng(0))
+    for params in (SamplingParams(do_sample=True, top_k=1), SamplingParams(do_sample=True, top_p=1e-6)):
+        for seed in range(5):
+            assert choose(logits, params, set(), np.random.default_rng(seed))[0] == greedy
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.2], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    draws = [choose(logits, SamplingParams(do_sample=True), set(), rng)[0] for _ in range(4000)]
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.03)
+
+
+def test_logprob_is_log_softmax_of_chosen(logits) -> None:
+    token, lp = choose(logits, SamplingParams(), set(), np.random.default_rng(0))
+    ref = torch.log_softmax(torch.from_numpy(logits), -1)[token].item()
+    assert token == int(logits.argmax()) and lp == pytest.approx(ref, abs=1e-5)
+
+
+def test_warpers_switch_sampling_on_like_tgi() -> None:
+    assert not SamplingParams().sampling
+    assert SamplingParams(temperature=0.5).sampling and SamplingParams(top_k=3).sampling
+    assert not SamplingParams(temperature=1.0, top_p=1.0).sampling
