@@ -54,3 +54,9 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 sequence classifier with labels negative/neutral/positive, pad = eos."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny_cls"), "classify", seed=1)
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export cache for the session: the first user exports, later ones hit the cache."""
+    return tmp_path_factory.mktemp("onnx_cache")

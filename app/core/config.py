@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "model" / "demo"
@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(128, ge=1)
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     log_level: str = "INFO"
+    model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")
+    api_key: str | None = Field(None, description="when set, every route but /health and /metrics needs it")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
+
+    @field_validator("classifier_path", "api_key", "model_id", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:

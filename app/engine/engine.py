@@ -49,8 +49,10 @@ def _id2label(checkpoint: Path, n: int) -> list[str]:
 
 class Engine:
     def __init__(self, generation: Loaded | None, classification: Loaded | None, max_batch_size: int = 32,
-                 max_batch_total_tokens: int = 32768, max_input_tokens: int | None = None) -> None:
+                 max_batch_total_tokens: int = 32768, max_input_tokens: int | None = None,
+                 max_total_tokens: int | None = None) -> None:
         self.generation = generation
+        self.max_total_tokens = max_total_tokens
         self.classification = classification
         self.max_input_tokens = max_input_tokens
         self.tokenizer = GPT2Tokenizer.from_dir(generation.checkpoint) if generation else None
@@ -70,12 +72,12 @@ class Engine:
     def load(cls, model_path: Path | None, classifier_path: Path | None = None, backend: str = "auto",
              device: str = "auto", precision: str = "fp32", cache_dir: Path = Path(".onnx_cache"),
              num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
-             max_input_tokens: int | None = None) -> Engine:
+             max_input_tokens: int | None = None, max_total_tokens: int | None = None) -> Engine:
         """Load (and export, on a cache miss) the models; blocking."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
-        return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens)
+        return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens)
 
     def start(self) -> None:
         self.warmup()
@@ -109,6 +111,9 @@ class Engine:
             raise InputError("max_new_tokens", "must be >= 1")
         if self.max_input_tokens is not None and len(ids) > self.max_input_tokens:
             raise InputError("inputs", f"{len(ids)} tokens exceed MAX_INPUT_TOKENS ({self.max_input_tokens})")
+        if self.max_total_tokens is not None and len(ids) + max_new_tokens > self.max_total_tokens:
+            raise InputError("max_new_tokens", f"inputs ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                               f"exceed MAX_TOTAL_TOKENS ({self.max_total_tokens})")
         if len(ids) + max_new_tokens > self.context_length:
             raise InputError("max_new_tokens", f"inputs ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                                                f"exceed the model's context of {self.context_length} tokens")

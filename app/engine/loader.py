@@ -5,8 +5,9 @@
 when the export, the session or the requested provider fails; the reason is logged and kept
 for `/info`. A cached export is used only if its manifest matches the checkpoint hash, its
 parity check passed and every model file still has its recorded sha256; otherwise it is rebuilt.
-Exports are written to a temporary folder and renamed into place, so two processes starting at
-once never see (or leave) half an export. On a cache hit nothing here imports torch.
+Exports run in a child process (`python -m export`), write to a temporary folder and are renamed
+into place, so two processes starting at once never see (or leave) half an export, and the
+serving process never imports torch on the ONNX Runtime path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +94,9 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
             pass  # another process moved it first
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
-    from export.pipeline import export_checkpoint  # imports torch: only on a cache miss
-
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
     try:
-        export_checkpoint(checkpoint, tmp, task, precision, verify_parity=True, providers=providers)
+        _export_subprocess(checkpoint, tmp, task, precision, device)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -107,6 +107,19 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final / mf.MODEL_FILE
+
+
+def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str) -> None:
+    """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
+    server process, and the tracer never shares the interpreter with the event loop's threads."""
+    cmd = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
+           "--precision", precision]
+    if device == "cuda":
+        cmd += ["--provider", "CUDAExecutionProvider"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"export failed (exit {r.returncode}): {tail}")
 
 
 def _context_length(onnx_path: Path) -> int:

@@ -111,7 +111,8 @@ class _Seq:
             if reason != "stop_sequence":
                 self.text += self.decoder.flush()
             self.finished = True
-            finish = Finish(reason, self.text, len(self.tokens), self.sampler.seed, list(self.tokens))
+            seed = self.sampler.seed if self.req.params.sampling else None  # greedy has no seed, as in TGI
+            finish = Finish(reason, self.text, len(self.tokens), seed, list(self.tokens))
         self.emit(StreamEvent(len(self.tokens) - 1, tok, finish))
 
     def fail(self, exc: BaseException) -> None:

@@ -1,0 +1,66 @@
+"""`python -m app`: serve with uvicorn on HOST:PORT, with a graceful drain on SIGTERM.
+
+On SIGTERM (or the first Ctrl-C) the server stops admitting (new requests and /health get 503),
+waits up to SHUTDOWN_GRACE_SECONDS for in-flight requests to finish, then shuts down and exits 0.
+A second signal shuts down at once. If loading the models fails, it exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from app.core.config import get_settings
+from app.main import create_app
+
+logger = logging.getLogger("app")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app) -> None:  # noqa: ANN001
+        super().__init__(config)
+        self.service = app.state.service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.service.draining or not self.service.ready:
+            # Second signal, or nothing to drain: stop now (uvicorn still closes connections cleanly).
+            self.should_exit = True
+            if self.service.draining and sig == signal.SIGINT:
+                self.force_exit = True
+            return
+        self.service.draining = True
+        grace = self.service.settings.shutdown_grace_seconds
+        logger.info("signal %s: draining %d in-flight request(s), up to %.0f s", sig, self.service.in_flight, grace)
+        threading.Thread(target=self._drain, args=(grace,), name="drain", daemon=True).start()
+
+    def _drain(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self.service.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.service.in_flight:
+            logger.warning("grace period over with %d request(s) still in flight", self.service.in_flight)
+        self.should_exit = True
+
+
+def main() -> int:
+    settings = get_settings()
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            access_log=False, timeout_graceful_shutdown=5)
+    server = DrainingServer(config, app)
+    app.state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if app.state.service.load_error:
+        logger.error("exiting: %s", app.state.service.load_error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

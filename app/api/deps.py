@@ -1,0 +1,63 @@
+"""Dependencies shared by the routes: the engine, admission control and the API key."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.core.config import Settings
+from app.core.errors import OverloadedError, UnauthorizedError, UnavailableError
+from app.core.metrics import Metrics
+from app.engine.engine import Engine
+
+
+@dataclass
+class ServiceState:
+    """What the lifespan builds and the routes read (`app.state.service`)."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+    in_flight: int = 0
+    started: float = field(default_factory=time.time)
+    route_paths: set[str] = field(default_factory=set)
+
+    def acquire(self) -> None:
+        """Admit one request or refuse at once: there is no unbounded queue."""
+        if self.draining:
+            raise UnavailableError("server is shutting down")
+        if not self.ready or self.engine is None:
+            raise UnavailableError("model is loading" if self.load_error is None else
+                                   f"model failed to load: {self.load_error}")
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            raise OverloadedError(f"more than MAX_CONCURRENT_REQUESTS ({self.settings.max_concurrent_requests}) "
+                                  f"requests in flight; retry later")
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def check_api_key(authorization: str | None, key: str | None) -> None:
+    """Raise `UnauthorizedError` unless `authorization` is `Bearer <key>` (no-op without a key)."""
+    if not key:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise UnauthorizedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]

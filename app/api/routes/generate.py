@@ -1,0 +1,162 @@
+"""TGI-compatible `/generate` and `/generate_stream`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import ServiceState, StateDep
+from app.core.errors import ClientDisconnectedError, classify_exception
+from app.engine.sampling import SamplingParams
+from app.engine.scheduler import Finish, GenerationRequest, StreamEvent
+from app.schemas import (
+    Details,
+    ErrorResponse,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    PrefillToken,
+    StreamDetails,
+    StreamResponse,
+    TokenOut,
+)
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["generation"])
+T = TypeVar("T")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)
+}
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0.1) -> T:
+    """Await `work`, cancelling it (and so its engine request) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientDisconnectedError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def sampling_params(p: GenerateParameters) -> SamplingParams:
+    return SamplingParams(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed)
+
+
+def to_token(ev: StreamEvent) -> TokenOut:
+    return TokenOut(id=ev.token.id, text=ev.token.text, logprob=ev.token.logprob, special=ev.token.special)
+
+
+class Tracker:
+    """Per-request token timing and counters for metrics and the access log."""
+
+    def __init__(self, state: ServiceState, request: Request, req: GenerationRequest) -> None:
+        self.metrics = state.metrics
+        self.start = time.perf_counter()
+        self.last: float | None = None
+        self.request = request
+        request.state.input_tokens = len(req.prompt_ids)
+        request.state.generated_tokens = 0
+        self.metrics.input_tokens.labels("generate").inc(len(req.prompt_ids))
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            self.metrics.itl.observe(now - self.last)
+        self.last = now
+        self.metrics.generated_tokens.inc()
+        self.request.state.generated_tokens += 1
+
+    def finish(self, finish: Finish) -> None:
+        self.request.state.finish_reason = finish.reason
+
+
+async def run_generation(state: ServiceState, request: Request, req: GenerationRequest) -> Finish:
+    tracker = Tracker(state, request, req)
+    async for ev in state.engine.generate_stream(req):
+        tracker.token()
+        if ev.finish is not None:
+            tracker.finish(ev.finish)
+            return ev.finish
+    raise RuntimeError("generation ended without a finish event")  # pragma: no cover
+
+
+def prepare(state: ServiceState, body: GenerateRequest) -> GenerationRequest:
+    p = body.parameters
+    return state.engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=ERRORS)
+async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
+    """Generate text for `inputs` (TGI's request and response)."""
+    state.acquire()
+    try:
+        req = prepare(state, body)
+        finish = await until_disconnect(request, run_generation(state, request, req))
+    finally:
+        state.release()
+    text = body.inputs + finish.generated_text if body.parameters.return_full_text else finish.generated_text
+    details = None
+    if body.parameters.details:
+        tok = state.engine.tokenizer
+        details = Details(
+            finish_reason=finish.reason, generated_tokens=finish.generated_tokens, seed=finish.seed,
+            prefill=[PrefillToken(id=i, text=tok.id_to_token_text(i)) for i in req.prompt_ids],
+            tokens=[TokenOut(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in finish.tokens],
+        )
+    if details is None:
+        return GenerateResponse(generated_text=text)  # `details` absent unless asked for, as in TGI
+    return GenerateResponse(generated_text=text, details=details)
+
+
+@router.post("/generate_stream", responses=ERRORS | {200: {"content": {"text/event-stream": {}},
+                                                             "description": "one `data:` JSON event per token"}})
+async def generate_stream(body: GenerateRequest, request: Request,
+                          state: StateDep) -> StreamingResponse:
+    """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
+    state.acquire()
+    try:
+        req = prepare(state, body)
+    except BaseException:
+        state.release()
+        raise
+    prefix = body.inputs if body.parameters.return_full_text else ""
+    return StreamingResponse(_sse(state, request, req, prefix), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(state: ServiceState, request: Request, req: GenerationRequest, prefix: str) -> AsyncIterator[str]:
+    tracker = Tracker(state, request, req)
+    try:
+        async for ev in state.engine.generate_stream(req):
+            tracker.token()
+            out = StreamResponse(index=ev.index, token=to_token(ev))
+            if ev.finish is not None:
+                tracker.finish(ev.finish)
+                out.generated_text = prefix + ev.finish.generated_text
+                out.details = StreamDetails(finish_reason=ev.finish.reason,
+                                            generated_tokens=ev.finish.generated_tokens, seed=ev.finish.seed)
+            yield f"data: {out.model_dump_json()}\n\n"
+    except Exception as exc:  # the stream has started: report in-band, as TGI does
+        status, error_type, message = classify_exception(exc)
+        logger.error("stream %s failed", getattr(request.state, "request_id", "-"), exc_info=exc)
+        state.metrics.failures.labels(error_type).inc()
+        yield f"data: {json.dumps({'error': message, 'error_type': error_type})}\n\n"
+    finally:
+        state.release()

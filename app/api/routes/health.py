@@ -1,0 +1,68 @@
+"""`/health`, `/info` and `/metrics`."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import StateDep
+from app.api.routes.generate import ERRORS
+from app.core.errors import UnavailableError
+from app.schemas import HealthResponse
+
+router = APIRouter(tags=["service"])
+
+
+def version() -> str:
+    try:
+        return metadata.version("gpt2-serve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: ERRORS[503]})
+async def health(state: StateDep) -> Any:
+    """200 once the models are loaded and warmed up; 503 while loading or draining."""
+    if state.draining:
+        raise UnavailableError("server is shutting down")
+    if not state.ready:
+        raise UnavailableError("model is loading" if state.load_error is None else
+                               f"model failed to load: {state.load_error}")
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/info")
+async def info(state: StateDep) -> dict[str, Any]:
+    """Models, the backend and device actually in use (with the fallback reason), limits, version."""
+    s = state.settings
+    engine = state.engine.info() if state.engine else {}
+    return {
+        "model_id": s.model_id or s.model_path.name,
+        "version": version(),
+        "ready": state.ready,
+        "generation": engine.get("generation"),
+        "classification": engine.get("classification"),
+        "labels": engine.get("labels", []),
+        "context_length": engine.get("context_length"),
+        "limits": {
+            "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
+            "max_batch_size": s.max_batch_size, "max_batch_total_tokens": s.max_batch_total_tokens,
+            "max_concurrent_requests": s.max_concurrent_requests, "max_body_bytes": s.max_body_bytes,
+            "max_stop_sequences": 4,
+        },
+        "settings": {"backend": s.backend, "device": s.device, "precision": s.precision,
+                     "num_threads": s.num_threads, "auth": bool(s.api_key)},
+    }
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus text format."""
+    if state.engine:
+        state.metrics.queue.set(state.engine.scheduler.queue_size)
+        state.metrics.batch.set(state.engine.scheduler.batch_size)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

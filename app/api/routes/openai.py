@@ -1,0 +1,162 @@
+"""OpenAI-style `/v1/completions` (with `stream`) and `/v1/models`.
+
+OpenAI's semantics, not TGI's: `temperature` defaults to 1 (sampling; 0 is greedy), the stop
+sequence is cut from the returned text, and `finish_reason` is "stop" or "length".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import ServiceState, StateDep
+from app.api.routes.generate import ERRORS, Tracker, run_generation, until_disconnect
+from app.core.errors import NotFoundError, classify_exception
+from app.engine.sampling import SamplingParams
+from app.engine.scheduler import Finish, GenerationRequest
+from app.schemas import CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def model_id(state: ServiceState) -> str:
+    s = state.settings
+    return s.model_id or s.model_path.name
+
+
+def _stops(body: CompletionRequest) -> list[str]:
+    return [] if body.stop is None else [body.stop] if isinstance(body.stop, str) else list(body.stop)
+
+
+def _params(body: CompletionRequest) -> SamplingParams:
+    if body.temperature == 0:
+        return SamplingParams(do_sample=False, seed=body.seed)
+    return SamplingParams(do_sample=True, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+
+
+def _text_and_reason(finish: Finish, stops: list[str]) -> tuple[str, str]:
+    text = finish.generated_text
+    if finish.reason == "stop_sequence":
+        for s in stops:
+            if text.endswith(s):
+                text = text[: -len(s)]
+                break
+    return text, "length" if finish.reason == "length" else "stop"
+
+
+@router.get("/models", response_model=ModelList)
+async def models(state: StateDep) -> ModelList:
+    """The served generation model."""
+    return ModelList(data=[ModelCard(id=model_id(state), created=int(state.started))])
+
+
+@router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Any:
+    """Text completion for one prompt or a list (one choice each)."""
+    if body.model is not None and body.model != model_id(state):
+        raise NotFoundError(f"model: {body.model!r} is not served here; this server serves {model_id(state)!r}")
+    state.acquire()
+    try:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        stops = _stops(body)
+        reqs = []
+        for i, p in enumerate(prompts):
+            try:
+                reqs.append(state.engine.prepare(p, body.max_tokens, _params(body), stops))
+            except ValueError as e:
+                if len(prompts) > 1 and hasattr(e, "field") and e.field == "inputs":
+                    e.args = (str(e).replace("inputs:", f"prompt[{i}]:", 1),)
+                raise
+    except BaseException:
+        state.release()
+        raise
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(state, request, reqs, stops, cid, created), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        finishes = await until_disconnect(request, asyncio.gather(
+            *[run_generation(state, request, r) for r in reqs]))
+    finally:
+        state.release()
+    choices = []
+    for i, f in enumerate(finishes):
+        text, reason = _text_and_reason(f, stops)
+        choices.append(CompletionChoice(text=text, index=i, finish_reason=reason))
+    prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+    completion_tokens = sum(f.generated_tokens for f in finishes)
+    return CompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
+                              usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                          total_tokens=prompt_tokens + completion_tokens))
+
+
+async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRequest], stops: list[str], cid: str,
+                  created: int) -> AsyncIterator[str]:
+    """Chunks of every prompt's choice as they come, then one usage chunk and `[DONE]`.
+
+    Text that could still be the start of a stop sequence is held back (the stop is cut from
+    the output), and so is a trailing partial UTF-8 character.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    name, tok = model_id(state), state.engine.tokenizer
+    hold = max((len(s) for s in stops), default=1) - 1
+
+    async def pump(i: int, req: GenerationRequest) -> None:
+        tracker = Tracker(state, request, req)
+        try:
+            async for ev in state.engine.generate_stream(req):
+                tracker.token()
+                await queue.put((i, ev))
+        except Exception as e:
+            await queue.put((i, e))
+
+    def chunk(i: int, text: str, reason: str | None, usage: dict | None = None) -> str:
+        choices = [] if usage else [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}]
+        body = {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+        if usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    ids: list[list[int]] = [[] for _ in reqs]
+    sent = [0] * len(reqs)
+    done, completion_tokens = 0, 0
+    try:
+        while done < len(reqs):
+            i, ev = await queue.get()
+            if isinstance(ev, Exception):
+                _, error_type, message = classify_exception(ev)
+                yield f"data: {json.dumps({'error': message, 'error_type': error_type})}\n\n"
+                done += 1
+                continue
+            if ev.finish is not None:
+                text, reason = _text_and_reason(ev.finish, stops)
+                completion_tokens += ev.finish.generated_tokens
+                done += 1
+                yield chunk(i, text[sent[i]:], reason)
+                continue
+            ids[i].append(ev.token.id)
+            text = tok.decode(ids[i], skip_special_tokens=True)
+            safe = len(text) - hold
+            while safe > sent[i] and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > sent[i]:
+                yield chunk(i, text[sent[i]:safe], None)
+                sent[i] = safe
+        prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        yield chunk(0, "", None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        state.release()

@@ -1,0 +1,26 @@
+"""Prometheus metrics, one registry per app (so several apps in one process stay apart)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("gpt2_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.duration = Histogram("gpt2_request_duration_seconds", "HTTP request duration", ["route"],
+                                  buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("gpt2_time_to_first_token_seconds", "time from admission to the first token",
+                              buckets=_LATENCY, registry=r)
+        self.itl = Histogram("gpt2_inter_token_latency_seconds", "time between consecutive tokens of a request",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        self.queue = Gauge("gpt2_queue_size", "generation requests waiting for a batch slot", registry=r)
+        self.batch = Gauge("gpt2_batch_size", "rows in the running batch", registry=r)
+        self.in_flight = Gauge("gpt2_requests_in_flight", "requests being served", registry=r)
+        self.input_tokens = Counter("gpt2_input_tokens_total", "prompt tokens", ["task"], registry=r)
+        self.generated_tokens = Counter("gpt2_generated_tokens_total", "generated tokens", registry=r)
+        self.failures = Counter("gpt2_failures_total", "failed requests by error type", ["error_type"], registry=r)

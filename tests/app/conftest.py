@@ -1,0 +1,86 @@
+"""A real server: `python -m app` as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(tmp: Path, env: dict[str, str], wait: bool = True, timeout: float = 240) -> Server:
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1", **env}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=full_env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    if wait:
+        wait_healthy(server, timeout)
+    return server
+
+
+def wait_healthy(server: Server, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log_text()[-4000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(server)
+    raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log_text()[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
+
+
+def base_env(lm: Path, cls: Path, cache: Path, **extra: str) -> dict[str, str]:
+    return {"MODEL_PATH": str(lm), "CLASSIFIER_PATH": str(cls), "ONNX_CACHE_DIR": str(cache),
+            "MAX_INPUT_TOKENS": "64", "MAX_TOTAL_TOKENS": "120", "MAX_CONCURRENT_REQUESTS": "4",
+            "MAX_BATCH_SIZE": "8", "MAX_BODY_BYTES": "65536", "NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("srv"), base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache))
+    yield srv
+    stop_server(srv)
