@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint serve clean
+.PHONY: install test test-fast lint serve clean bench-venv bench-export
 
 install: $(VENV)/.installed
 
@@ -25,5 +25,21 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
+# Serve the demo model (or MODEL_PATH / CLASSIFIER_PATH, see README) on HOST:PORT (default 0.0.0.0:8000).
+serve: install
+	$(BIN)/python -m app
+
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Benchmarks (see BENCHMARKS.md). The Optimum anchor needs its own venv: it pins transformers 4.x.
+bench-venv: bench/.venv-optimum/.installed
+
+bench/.venv-optimum/.installed:
+	$(PYTHON) -m venv bench/.venv-optimum
+	bench/.venv-optimum/bin/pip install -q torch==2.13.0
+	bench/.venv-optimum/bin/pip install -q 'optimum-onnx[onnxruntime]==0.1.0' onnxruntime
+	touch $@
+
+bench-export: install bench-venv
+	$(BIN)/python -m bench.export_bench

@@ -21,7 +21,8 @@ def post(server: Server, path: str, body=None, **kw) -> httpx.Response:
 
 
 def sse(text: str) -> list[dict]:
-    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and line[5:].strip() != "[DONE]"]
+    lines = [line[5:] for line in text.splitlines() if line.startswith("data:")]
+    return [json.loads(x) for x in lines if x.strip() != "[DONE]"]
 
 
 # ---- happy paths -------------------------------------------------------------------------------

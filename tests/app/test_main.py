@@ -1,0 +1,101 @@
+"""The app in-process, lifespan entered (`with TestClient(app)`)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from app.core.config import Settings
+from app.main import create_app
+
+
+def wait_ready(client: TestClient, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("not ready: " + client.get("/health").text)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> Settings:
+    return Settings(model_path=tiny_lm_dir, classifier_path=tiny_classifier_dir, onnx_cache_dir=onnx_cache,
+                    max_input_tokens=64, max_total_tokens=120)
+
+
+def test_lifespan_loads_warms_and_serves(settings) -> None:
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        assert client.get("/health").json() == {"status": "ok"}
+        r = client.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 200 and r.json()["generated_text"]
+        assert client.app.state.service.in_flight == 0
+    assert client.app.state.service.ready is False  # shut down with the lifespan
+
+
+def test_failed_load_is_503_with_the_reason(tmp_path, onnx_cache) -> None:
+    app = create_app(Settings(model_path=tmp_path / "nope", classifier_path=None, onnx_cache_dir=onnx_cache))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while app.state.service.load_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = client.get("/health")
+        assert r.status_code == 503 and "model failed to load" in r.json()["error"]
+        assert "does not exist" in r.json()["error"]
+        g = client.post("/generate", json={"inputs": "x"})
+        assert g.status_code == 503 and g.json()["error_type"] == "unavailable"
+
+
+def test_internal_error_is_500_without_traceback_and_serving_goes_on(settings) -> None:
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        engine = client.app.state.service.engine
+        original = engine.prepare
+
+        def boom(*a, **k):
+            raise RuntimeError("secret internal detail")
+
+        engine.prepare = boom
+        try:
+            r = client.post("/generate", json={"inputs": "x"}, headers={"X-Request-ID": "req-42"})
+        finally:
+            engine.prepare = original
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal error (request id req-42)", "error_type": "generation"}
+        assert "secret" not in r.text and "Traceback" not in r.text
+        assert client.app.state.service.in_flight == 0
+        assert client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_api_key_guards_all_but_health_and_metrics(settings) -> None:
+    app = create_app(settings.model_copy(update={"api_key": "k"}))
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.get("/metrics").status_code == 200
+        for method, path in (("post", "/generate"), ("post", "/classify"), ("get", "/info"), ("get", "/v1/models"),
+                             ("post", "/tokenize"), ("get", "/openapi.json")):
+            r = client.post(path, json={"inputs": "x"}) if method == "post" else client.get(path)
+            assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", path
+        ok = client.post("/tokenize", json={"inputs": "x"}, headers={"Authorization": "bearer k"})
+        assert ok.status_code == 200
+
+
+def test_settings_from_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("MODEL_PATH", str(tmp_path))
+    monkeypatch.setenv("CLASSIFIER_PATH", "")
+    monkeypatch.setenv("MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("BACKEND", "torch")
+    s = Settings()
+    assert s.model_path == tmp_path and s.classifier_path is None and s.max_batch_size == 3 and s.backend == "torch"
+    monkeypatch.setenv("BACKEND", "tensorrt")
+    with pytest.raises(ValidationError, match="backend"):
+        Settings()
+    monkeypatch.setenv("BACKEND", "auto")
+    monkeypatch.setenv("MAX_INPUT_TOKENS", "900")
+    monkeypatch.setenv("MAX_TOTAL_TOKENS", "800")
+    with pytest.raises(ValidationError, match="MAX_INPUT_TOKENS"):
+        Settings()
