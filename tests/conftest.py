@@ -60,3 +60,24 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One export cache for the session: the first user exports, later ones hit the cache."""
     return tmp_path_factory.mktemp("onnx_cache")
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return True
+    except ImportError:
+        pass
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` need an NVIDIA GPU; they skip (with the reason) where there is none."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDAExecutionProvider or torch.cuda)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
