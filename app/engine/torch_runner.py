@@ -15,9 +15,12 @@ from model import load_pretrained
 logger = logging.getLogger(__name__)
 
 
-def _dtype(precision: str, device: str) -> torch.dtype:
+def _load(checkpoint: str | Path, device: str, precision: str, num_threads: int | None) -> torch.nn.Module:
+    if num_threads:
+        torch.set_num_threads(num_threads)
     # int8 is an ONNX Runtime feature; the torch fallback serves such a request in fp32.
-    return torch.float16 if precision == "fp16" and device == "cuda" else torch.float32
+    dtype = torch.float16 if precision == "fp16" and device == "cuda" else torch.float32
+    return load_pretrained(checkpoint, dtype=dtype, device=device)
 
 
 class TorchGenerationRunner(GenerationRunner):
@@ -25,10 +28,8 @@ class TorchGenerationRunner(GenerationRunner):
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32",
                  num_threads: int | None = None) -> None:
-        if num_threads:
-            torch.set_num_threads(num_threads)
         self.device = device
-        self.model = load_pretrained(checkpoint, dtype=_dtype(precision, device), device=device)
+        self.model = _load(checkpoint, device, precision, num_threads)
         cfg = self.model.config
         super().__init__(ModelInfo(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.n_positions))
         logger.info("PyTorch generation runner on %s (%s)", device, self.model.transformer.wte.weight.dtype)
@@ -60,10 +61,8 @@ class TorchClassificationRunner(ClassificationRunner):
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32",
                  num_threads: int | None = None) -> None:
-        if num_threads:
-            torch.set_num_threads(num_threads)
         self.device = device
-        self.model = load_pretrained(checkpoint, dtype=_dtype(precision, device), device=device)
+        self.model = _load(checkpoint, device, precision, num_threads)
 
     @torch.inference_mode()
     def classify(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -17,23 +17,10 @@ from safetensors.torch import load_file, save_file
 from model.checkpoint import CheckpointError, load_pretrained, save_pretrained, transpose_conv1d
 from model.gpt2 import GPT2, GPT2ForSequenceClassification
 from tests.conftest import make_hf_checkpoint
+from tests.model.conftest import max_diff
 
 ATOL = 1e-4
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def ids_and_mask(vocab: int = 50256) -> tuple[torch.Tensor, torch.Tensor]:

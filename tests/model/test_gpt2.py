@@ -23,6 +23,7 @@ from model.gpt2 import (
     GPT2ForSequenceClassification,
 )
 from tests.conftest import make_hf_checkpoint
+from tests.model.conftest import max_diff
 
 ATOL = 1e-4
 SMALL_VOCAB = 1000
@@ -92,20 +93,6 @@ def right_padded(lengths: list[int], vocab: int, pad: int, seed: int) -> tuple[t
         ids[b] = torch.cat([ids[b, ids.shape[1] - n :], ids[b, : ids.shape[1] - n]])
         mask[b] = torch.cat([mask[b, mask.shape[1] - n :], mask[b, : mask.shape[1] - n]])
     return ids, mask
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to a busy second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=LM_CONFIGS, ids=[c[0] for c in LM_CONFIGS])

@@ -1,0 +1,96 @@
+# syntax=docker/dockerfile:1.7
+# gpt2-serve. CPU image (default):   docker build -t gpt2-serve .
+#             CUDA image:            docker build --target gpu -t gpt2-serve:gpu .
+# The demo models' ONNX exports are baked in at build time, so a container is healthy within
+# seconds. Mount a checkpoint at /models and set MODEL_PATH to serve your own; its export is
+# cached in ONNX_CACHE_DIR (a volume in docker-compose.yml).
+
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---- build the CPU virtualenv -------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder-cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# torch first, from the CPU index: the default PyPI wheel drags in several GB of CUDA libraries.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY export ./export
+COPY app ./app
+RUN pip install '.[cpu]'
+
+# ---- the CPU runtime image --------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app app \
+    && mkdir -p /app /models /cache && chown app:app /app /models /cache
+COPY --from=builder-cpu /opt/venv /opt/venv
+COPY --chown=app:app model/demo /app/model/demo
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    MODEL_PATH=/app/model/demo/lm \
+    CLASSIFIER_PATH=/app/model/demo/classifier \
+    BACKEND=auto \
+    DEVICE=auto \
+    PRECISION=fp32 \
+    ONNX_CACHE_DIR=/cache \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    MAX_INPUT_TOKENS=512 \
+    MAX_TOTAL_TOKENS=1024 \
+    MAX_BATCH_SIZE=32 \
+    MAX_CONCURRENT_REQUESTS=128 \
+    SHUTDOWN_GRACE_SECONDS=30 \
+    LOG_LEVEL=INFO
+WORKDIR /app
+USER app
+# Bake the demo exports into the image's cache (a fresh named volume is seeded from it).
+RUN python -m app.prepare
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app"]
+
+# ---- the CUDA image ---------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS gpu
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY export ./export
+COPY app ./app
+RUN pip install '.[gpu]'
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app app \
+    && mkdir -p /app /models /cache && chown app:app /app /models /cache
+COPY --chown=app:app model/demo /app/model/demo
+ENV PYTHONUNBUFFERED=1 \
+    MODEL_PATH=/app/model/demo/lm \
+    CLASSIFIER_PATH=/app/model/demo/classifier \
+    BACKEND=auto \
+    DEVICE=auto \
+    PRECISION=fp16 \
+    ONNX_CACHE_DIR=/cache \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    MAX_INPUT_TOKENS=512 \
+    MAX_TOTAL_TOKENS=1024 \
+    MAX_BATCH_SIZE=32 \
+    MAX_CONCURRENT_REQUESTS=128 \
+    SHUTDOWN_GRACE_SECONDS=30 \
+    LOG_LEVEL=INFO
+WORKDIR /app
+USER app
+# No GPU at build time: the fp16 CUDA exports are made (and verified on the GPU) on first start.
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app"]

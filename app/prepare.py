@@ -1,0 +1,31 @@
+"""`python -m app.prepare`: make (or check) the cached ONNX exports for MODEL_PATH and
+CLASSIFIER_PATH, so the server's first start is fast. The Docker image runs it at build time."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from app.core.config import get_settings
+from app.engine.loader import ensure_export
+
+logger = logging.getLogger("app.prepare")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="[prepare] %(message)s", stream=sys.stderr)
+    s = get_settings()
+    device = "cpu" if s.device == "auto" else s.device
+    jobs = [("generate", s.model_path)] + ([("classify", s.classifier_path)] if s.classifier_path else [])
+    for task, path in jobs:
+        try:
+            onnx = ensure_export(path, task, s.precision, s.onnx_cache_dir, device)
+        except Exception as e:  # a CLI: say what failed and exit non-zero
+            logger.error("%s export of %s failed: %s", task, path, e)
+            return 1
+        logger.info("%s: %s", task, onnx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
