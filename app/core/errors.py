@@ -120,7 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 500:
             logger.error("request %s failed", rid, exc_info=exc)
             message = f"{message} (request id {rid})"
-        return envelope(status, error_type, message)
+        # A 429 is immediate (no queue): tell well-behaved clients when to come back.
+        return envelope(status, error_type, message, {"Retry-After": "1"} if status == 429 else None)
 
     for cls in (ServiceError, InputError, EngineUnavailableError, Exception):
         app.add_exception_handler(cls, _known)

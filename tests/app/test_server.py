@@ -216,6 +216,7 @@ def test_429_under_a_flood_and_everyone_else_is_served(server) -> None:
     assert codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
     over = next(r for r in rs if r.status_code == 429)
     assert over.json()["error_type"] == "overloaded" and "MAX_CONCURRENT_REQUESTS" in over.json()["error"]
+    assert over.headers["retry-after"] == "1"
     ok = [r.json()["generated_text"] for r in rs if r.status_code == 200]
     assert len(set(ok)) == 1  # greedy: every admitted request got the same, complete answer
     assert post(server, "/generate", GEN).status_code == 200
