@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint serve clean bench-venv bench-export
+.PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server
 
 install: $(VENV)/.installed
 
@@ -42,4 +42,9 @@ bench/.venv-optimum/.installed:
 	touch $@
 
 bench-export: install bench-venv
+	$(BIN)/pip install -q -e '.[cpu,dev,bench]'
 	$(BIN)/python -m bench.export_bench
+
+bench-server: install
+	$(BIN)/pip install -q -e '.[cpu,dev,bench]'
+	$(BIN)/python -m bench.server_bench

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks against the anchors; each writes JSON and a table in BENCHMARKS.md."""
