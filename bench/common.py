@@ -23,6 +23,7 @@ PREFILL_LENGTHS = (128, 512)
 DECODE_BATCHES = (1, 8)
 DECODE_PROMPT = 32
 DECODE_STEPS = 32
+WARMUP = 3
 
 
 class System(Protocol):
@@ -47,7 +48,8 @@ def _ids(batch: int, length: int, seed: int) -> np.ndarray:
 def time_prefill(system: System, length: int, repeats: int) -> float:
     """Median seconds for one batch-1 prefill of `length` tokens (last-position logits)."""
     ids = _ids(1, length, seed=length)
-    system.prefill(ids)  # warm-up: allocations, kernel selection
+    for _ in range(WARMUP):  # allocations, arena growth, kernel selection: seen to take a few calls
+        system.prefill(ids)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -144,6 +145,13 @@ def _optimum(checkpoint: Path, threads: int, w: Workloads) -> dict[str, Any]:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if "skipped" not in r]
+    if not ok:
+        return runs[-1]
+    return {k: round(statistics.median(r[k] for r in ok), 2) for k in ok[0]}
+
+
 COLUMNS = [("prefill_128_ms", "prefill 128 (ms)"), ("prefill_512_ms", "prefill 512 (ms)"),
            ("decode_b1_tok_s", "decode b1 (tok/s)"), ("decode_b8_tok_s", "decode b8 (tok/s)")]
 
@@ -172,7 +180,8 @@ def table(results: dict[str, dict[str, Any]], baseline: str = "transformers") ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.export_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each workload within a round")
+    p.add_argument("--rounds", type=int, default=3, help="passes over all systems; medians across rounds")
     p.add_argument("--systems", default="ours-onnx-fused,ours-onnx-unfused,ours-onnx-fused-int8,ours-torch,"
                                         "transformers,optimum")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -206,24 +215,29 @@ def main(argv: list[str] | None = None) -> int:
             to_int8(proto, graphs["ours-onnx-fused-int8"])
         del model
 
-    results: dict[str, dict[str, Any]] = {}
-    for name in wanted:
-        logger.info("measuring %s", name)
-        if name in graphs:
-            results[name] = run_workloads(OrtGraph(graphs[name], args.threads), w)
-        elif name == "ours-torch":
-            results[name] = run_workloads(TorchOurs(ckpt), w)
-        elif name == "transformers":
-            results[name] = run_workloads(Transformers(ckpt), w)
-        elif name == "optimum":
-            results[name] = _optimum(ckpt, args.threads, w)
-        else:
-            p.error(f"unknown system {name!r}")
-        logger.info("%s: %s", name, results[name])
+    # Rounds: every system once per round, medians across rounds. This machine's speed drifts
+    # over minutes (shared host), so spreading each system over time beats back-to-back repeats.
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted}
+    for r in range(args.rounds):
+        for name in wanted:
+            logger.info("round %d/%d: measuring %s", r + 1, args.rounds, name)
+            if name in graphs:
+                res = run_workloads(OrtGraph(graphs[name], args.threads), w)
+            elif name == "ours-torch":
+                res = run_workloads(TorchOurs(ckpt), w)
+            elif name == "transformers":
+                res = run_workloads(Transformers(ckpt), w)
+            elif name == "optimum":
+                res = _optimum(ckpt, args.threads, w)
+            else:
+                p.error(f"unknown system {name!r}")
+            logger.info("%s: %s", name, res)
+            rounds[name].append(res)
+    results = {name: _median(runs) for name, runs in rounds.items()}
 
     cmd = "python -m bench.export_bench " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {"benchmark": "export_bench", "command": cmd.strip(), "machine": machine_info(), "threads": args.threads,
-              "workloads": asdict(w), "results": results}
+              "workloads": asdict(w), "rounds": args.rounds, "results": results, "per_round": rounds}
     md = table(results)
     sys.stdout.write(md + "\n")
     if not args.no_write:
@@ -231,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "export_bench.json").write_text(json.dumps(record, indent=2) + "\n")
         m = record["machine"]
         body = (f"Command: `{record['command']}`  \nMachine: {m['cpu']}, {m['cores']} cores, {args.threads} threads; "
-                f"GPT-2 124M shape, random weights; medians of {args.repeats} runs. Prefill is batch 1; decode is "
+                f"GPT-2 124M shape, random weights; medians over {args.rounds} rounds (each: every system in turn, "
+                f"median of {args.repeats} timed runs per workload). Prefill is batch 1; decode is "
                 f"{w.decode_steps} greedy steps after a {w.decode_prompt}-token prompt. Ratios are against "
                 f"`transformers` (higher is better).\n\n{md}\n")
         replace_section(REPO / "BENCHMARKS.md", "export_bench", body)

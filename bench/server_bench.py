@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     ckpt = _checkpoint_with_tokenizer()
     RESULTS.mkdir(parents=True, exist_ok=True)
