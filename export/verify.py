@@ -30,8 +30,11 @@ from model.gpt2 import GPT2, GPT2ForSequenceClassification
 logger = logging.getLogger(__name__)
 
 FP32_TOL = 1e-4
-# Minimum share of positions whose next-token argmax matches PyTorch fp32 (see BENCHMARKS.md
-# and the model card for the measured values these floors sit under).
+# Minimum share of positions whose next-token argmax matches PyTorch fp32 on the fixed prompt
+# set (75 positions for a generation graph). Measured: int8 1.000 on the demo LM, 0.973 on the
+# random-weight GPT-2 124M shape (near-tied logits flip first); fp16 1.000 on both tiny and demo
+# models. The floors sit under those with room for other checkpoints, and still catch a broken
+# quantization (which scores near 0).
 TOP1_FLOOR = {"fp32": 1.0, "fp16": 0.95, "int8": 0.90}
 DECODE_STEPS = 8
 PROMPTS = [
