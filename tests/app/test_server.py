@@ -186,6 +186,12 @@ def test_other_routes_validate_too(server) -> None:
     assert r.status_code == 422 and "limit of 64" in r.json()["error"]
     assert post(server, "/classify", {"inputs": "word" + " word" * 70, "truncate": True}).status_code == 200
     assert "n" in post(server, "/v1/completions", {"prompt": "x", "n": 2}).json()["error"]
+    r = post(server, "/v1/completions", {"prompt": "word" + " word" * 70})
+    assert r.status_code == 422 and r.json()["error"].startswith("prompt: 71 tokens exceed MAX_INPUT_TOKENS")
+    r = post(server, "/v1/completions", {"prompt": ["ok", "word" + " word" * 70]})
+    assert r.json()["error"].startswith("prompt[1]: ")
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 500})
+    assert r.status_code == 422 and r.json()["error"].startswith("max_tokens: ")
     assert post(server, "/tokenize", {"inputs": ""}).status_code == 422
 
 

@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import ERRORS, Tracker, run_generation, until_disconnect
 from app.core.errors import NotFoundError, classify_exception
+from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Finish, GenerationRequest
 from app.schemas import CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage
@@ -72,10 +73,10 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         for i, p in enumerate(prompts):
             try:
                 reqs.append(state.engine.prepare(p, body.max_tokens, _params(body), stops))
-            except ValueError as e:
-                if len(prompts) > 1 and hasattr(e, "field") and e.field == "inputs":
-                    e.args = (str(e).replace("inputs:", f"prompt[{i}]:", 1),)
-                raise
+            except InputError as e:  # name the field as this API spells it
+                field = {"inputs": "prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                         "max_new_tokens": "max_tokens"}.get(e.field, e.field)
+                raise InputError(field, str(e).split(": ", 1)[1]) from e
     except BaseException:
         state.release()
         raise
