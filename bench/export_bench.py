@@ -177,6 +177,27 @@ def table(results: dict[str, dict[str, Any]], baseline: str = "transformers") ->
     return "\n".join(lines)
 
 
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Four panels (prefill 128/512 ms, decode b1/b8 tok/s), one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results.items() if "skipped" not in r]
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4 * len(COLUMNS), 4))
+    for ax, (key, title) in zip(axes, COLUMNS, strict=True):
+        vals = [results[n].get(key, 0) for n in names]
+        ax.barh(names, vals, color=["tab:blue" if n.startswith("ours") else "tab:gray" for n in names])
+        ax.set_title(title + (" - lower is better" if key.endswith("_ms") else " - higher is better"), fontsize=9)
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.export_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -185,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default="ours-onnx-fused,ours-onnx-unfused,ours-onnx-fused-int8,ours-torch,"
                                         "transformers,optimum")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from bench/results/export_bench.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    if args.plot_only:
+        plot(json.loads((RESULTS / "export_bench.json").read_text())["results"], RESULTS / "export_bench.png")
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
@@ -243,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "export_bench.json").write_text(json.dumps(record, indent=2) + "\n")
+        plot(results, RESULTS / "export_bench.png")
         m = record["machine"]
         body = (f"Command: `{record['command']}`  \nMachine: {m['cpu']}, {m['cores']} cores, {args.threads} threads; "
                 f"GPT-2 124M shape, random weights; medians over {args.rounds} rounds (each: every system in turn, "
                 f"median of {args.repeats} timed runs per workload). Prefill is batch 1; decode is "
                 f"{w.decode_steps} greedy steps after a {w.decode_prompt}-token prompt. Ratios are against "
-                f"`transformers` (higher is better).\n\n{md}\n")
+                f"`transformers` (higher is better).\n\n{md}\n\n![engine benchmark](bench/results/export_bench.png)\n")
         replace_section(REPO / "BENCHMARKS.md", "export_bench", body)
     return 0
 
