@@ -16,11 +16,11 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # torch first, from the CPU index: the default PyPI wheel drags in several GB of CUDA libraries.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY model ./model
 COPY export ./export
 COPY app ./app
-RUN pip install '.[cpu]'
+RUN pip install -c constraints.txt '.[cpu]'
 
 # ---- the CPU runtime image --------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu
@@ -63,11 +63,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY model ./model
 COPY export ./export
 COPY app ./app
-RUN pip install '.[gpu]'
+RUN pip install -c constraints.txt '.[gpu]'
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app app \
     && mkdir -p /app /models /cache && chown app:app /app /models /cache
 COPY --chown=app:app model/demo /app/model/demo

@@ -8,11 +8,11 @@ BIN := $(VENV)/bin
 install: $(VENV)/.installed
 
 # torch first, pinned: it takes the local CPU wheel, so nothing pulls the CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
 	touch $@
 
 test: install
@@ -42,9 +42,9 @@ bench/.venv-optimum/.installed:
 	touch $@
 
 bench-export: install bench-venv
-	$(BIN)/pip install -q -e '.[cpu,dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
 	$(BIN)/python -m bench.export_bench
 
 bench-server: install
-	$(BIN)/pip install -q -e '.[cpu,dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
 	$(BIN)/python -m bench.server_bench

@@ -33,7 +33,7 @@ def test_dockerfile_commands_build_and_serve(tmp_path) -> None:
     venv, src = tmp_path / "venv", tmp_path / "src"
     src.mkdir()
     # The builder's COPY lines: the package sources and metadata.
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):
         shutil.copy(REPO / name, src / name)
     for name in ("model", "export", "app"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
