@@ -147,7 +147,7 @@ class Engine:
                        max_tokens: int | None = None) -> list[list[Label]]:
         if self.classification is None:
             raise EngineUnavailableError("no classification model is loaded")
-        limit = max_tokens or self.max_input_tokens or 1024
+        limit = min(max_tokens or self.max_input_tokens or 1024, self.classification.runner.n_positions)
         prompts = []
         for i, text in enumerate(texts):
             ids = self.cls_tokenizer.encode(text)

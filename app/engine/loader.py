@@ -146,7 +146,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
             if task == "generate":
                 runner = OrtGenerationRunner(path, dev, num_threads, n_positions=_context_length(path))
             else:
-                runner = OrtClassificationRunner(path, dev, num_threads)
+                runner = OrtClassificationRunner(path, dev, num_threads, n_positions=_context_length(path))
             return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, None, cache_hit)
         except Exception as e:
             if backend == "onnxruntime":

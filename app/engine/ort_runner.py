@@ -134,9 +134,11 @@ class OrtGenerationRunner(GenerationRunner):
 class OrtClassificationRunner(ClassificationRunner):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
+                 n_positions: int = 1024) -> None:
         self.sess = make_session(path, device, num_threads)
         self.device = device
+        self.n_positions = n_positions
         _require(self.sess, ["input_ids", "attention_mask"], ["logits"])
 
     def classify(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -148,6 +148,7 @@ def _pad_cols(mask: np.ndarray, width: int) -> np.ndarray:
 class ClassificationRunner(ABC):
     backend: str = "?"
     device: str = "cpu"
+    n_positions: int = 1024  # the model's context: longer inputs must be cut or rejected
 
     @abstractmethod
     def classify(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -111,6 +111,10 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int], rng: np.r
     if params.top_p not in (None, 1.0):
         scores = top_p_mask(scores, params.top_p)
     probs = _softmax(scores)
-    token = int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"))
-    token = min(token, probs.shape[-1] - 1)
+    # One float64 running sum for both the scale and the search, so the draw can never land
+    # past the last kept token (a float32 cumsum and a pairwise sum differ by ~1e-5).
+    cdf = np.cumsum(probs, dtype=np.float64)
+    token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    if token >= probs.shape[-1]:  # u * total == total exactly: take the last kept token
+        token = int(np.flatnonzero(probs)[-1])
     return token, float(logprobs[token])

@@ -215,10 +215,12 @@ class Scheduler:
             s.fail(RuntimeError("engine stopped"))
 
     def _drop(self, pred: Callable[[_Seq], bool]) -> None:
-        rows = [i for i, s in enumerate(self._active) if pred(s)]
+        # Decide once: `cancelled` can flip on the event loop while the runner copies the cache.
+        dead = [pred(s) for s in self._active]
+        rows = [i for i, d in enumerate(dead) if d]
         if rows:
             self.runner.drop(rows)
-            self._active = [s for s in self._active if not pred(s)]
+            self._active = [s for s, d in zip(self._active, dead, strict=True) if not d]
 
     def _admit(self) -> list[_Seq]:
         used = sum(s.budget for s in self._active)
@@ -241,7 +243,12 @@ class Scheduler:
         t0 = time.perf_counter()
         new = self._admit()
         if new:
-            logits = self.runner.add([s.req.prompt_ids for s in new])
+            try:
+                logits = self.runner.add([s.req.prompt_ids for s in new])
+            except Exception as e:  # they are in neither the queue nor the batch: fail them here
+                for s in new:
+                    s.fail(e)
+                raise
             self._active.extend(new)
             for s, row in zip(new, logits, strict=True):
                 s.accept(row, self.context_limit)

@@ -63,6 +63,7 @@ class TorchClassificationRunner(ClassificationRunner):
                  num_threads: int | None = None) -> None:
         self.device = device
         self.model = _load(checkpoint, device, precision, num_threads)
+        self.n_positions = self.model.config.n_positions
 
     @torch.inference_mode()
     def classify(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

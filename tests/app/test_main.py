@@ -99,3 +99,14 @@ def test_settings_from_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("MAX_TOTAL_TOKENS", "800")
     with pytest.raises(ValidationError, match="MAX_INPUT_TOKENS"):
         Settings()
+
+
+def test_openai_cuts_the_stop_sequence_that_ended_the_text() -> None:
+    from app.api.routes.openai import _text_and_reason
+    from app.engine.scheduler import Finish
+
+    # The engine stops at the earliest-starting match: "ab" for stops ["b", "ab"] on "xxab".
+    text, reason = _text_and_reason(Finish("stop_sequence", "xxab", 3, None, []), ["b", "ab"])
+    assert (text, reason) == ("xx", "stop")
+    assert _text_and_reason(Finish("eos_token", "xx", 3, None, []), ["b"]) == ("xx", "stop")
+    assert _text_and_reason(Finish("length", "xxb", 3, None, []), ["b"]) == ("xxb", "length")

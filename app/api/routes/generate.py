@@ -53,6 +53,21 @@ async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0
             task.cancel()
 
 
+class SSEResponse(StreamingResponse):
+    """Server-Sent Events that close their generator however the response ends, so its `finally`
+    (slot release, engine cancel) runs at once, not whenever the garbage collector gets to it."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 def sampling_params(p: GenerateParameters) -> SamplingParams:
     return SamplingParams(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed)
 
@@ -127,8 +142,7 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
 
 @router.post("/generate_stream", responses=ERRORS | {200: {"content": {"text/event-stream": {}},
                                                              "description": "one `data:` JSON event per token"}})
-async def generate_stream(body: GenerateRequest, request: Request,
-                          state: StateDep) -> StreamingResponse:
+async def generate_stream(body: GenerateRequest, request: Request, state: StateDep) -> SSEResponse:
     """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
     state.acquire()
     try:
@@ -137,8 +151,8 @@ async def generate_stream(body: GenerateRequest, request: Request,
         state.release()
         raise
     prefix = body.inputs if body.parameters.return_full_text else ""
-    return StreamingResponse(_sse(state, request, req, prefix), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return SSEResponse(_sse(state, request, req, prefix), headers={"Cache-Control": "no-cache",
+                                                                   "X-Accel-Buffering": "no"})
 
 
 async def _sse(state: ServiceState, request: Request, req: GenerationRequest, prefix: str) -> AsyncIterator[str]:

@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from app.api.deps import ServiceState, StateDep
-from app.api.routes.generate import ERRORS, Tracker, run_generation, until_disconnect
+from app.api.routes.generate import ERRORS, SSEResponse, Tracker, run_generation, until_disconnect
 from app.core.errors import NotFoundError, classify_exception
 from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
@@ -47,7 +46,9 @@ def _params(body: CompletionRequest) -> SamplingParams:
 def _text_and_reason(finish: Finish, stops: list[str]) -> tuple[str, str]:
     text = finish.generated_text
     if finish.reason == "stop_sequence":
-        for s in stops:
+        # The engine cut the text after the earliest-starting match; of the stops that end the
+        # text, that is the longest.
+        for s in sorted(stops, key=len, reverse=True):
             if text.endswith(s):
                 text = text[: -len(s)]
                 break
@@ -82,11 +83,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         raise
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(state, request, reqs, stops, cid, created), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return SSEResponse(_stream(state, request, reqs, stops, cid, created), headers={"Cache-Control": "no-cache"})
     try:
-        finishes = await until_disconnect(request, asyncio.gather(
-            *[run_generation(state, request, r) for r in reqs]))
+        finishes = await until_disconnect(request, _all_or_none([run_generation(state, request, r) for r in reqs]))
     finally:
         state.release()
     choices = []
@@ -98,6 +97,16 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     return CompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
                               usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                           total_tokens=prompt_tokens + completion_tokens))
+
+
+async def _all_or_none(coros: list) -> list[Finish]:
+    """Run the prompts together; if one fails (or we are cancelled), cancel the rest."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRequest], stops: list[str], cid: str,

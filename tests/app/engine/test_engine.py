@@ -236,6 +236,66 @@ def test_runner_failure_fails_its_requests_and_the_engine_keeps_serving(engine) 
     assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
 
 
+def test_a_failed_prefill_fails_its_requests_instead_of_hanging(engine) -> None:
+    runner = engine.generation.runner
+    original = runner.add
+
+    def broken(prompts):
+        raise RuntimeError("simulated prefill fault")
+
+    runner.add = broken
+    try:
+        with pytest.raises(RuntimeError, match="simulated prefill fault"):
+            run(asyncio.wait_for(engine.generate(engine.prepare(PROMPTS[0], 5)), timeout=30))
+    finally:
+        runner.add = original
+    assert engine.scheduler.batch_size == 0 and engine.scheduler.queue_size == 0
+    assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
+
+
+def test_a_cancel_during_a_drop_keeps_batch_and_cache_in_step(engine) -> None:
+    """`cancelled` flips on the event loop while the worker copies the cache in `drop`."""
+    runner = engine.generation.runner
+    original = runner.drop
+    victims = []
+
+    def drop_and_cancel(rows):
+        for seq in victims:  # a client disconnects mid-copy
+            seq.cancelled = True
+        return original(rows)
+
+    async def go():
+        long_req = engine.prepare("Hi", 120)  # still running when the short one finishes
+        agen = engine.generate_stream(long_req)
+        first = await agen.__anext__()
+        victims.extend(s for s in engine.scheduler._active if s.req is long_req)
+        assert victims
+        runner.drop = drop_and_cancel
+        try:
+            res = await engine.generate(engine.prepare(PROMPTS[0], 2))
+        finally:
+            runner.drop = original
+        await agen.aclose()
+        return first, res
+
+    first, res = run(go())
+    assert first.index == 0 and res.generated_tokens == 2
+    for _ in range(100):
+        if engine.scheduler.batch_size == 0:
+            break
+        asyncio.run(asyncio.sleep(0.02))
+    assert runner.num_rows == engine.scheduler.batch_size == 0
+    assert run(engine.generate(engine.prepare(PROMPTS[2], 4))).generated_tokens == 4
+
+
+def test_classifier_limit_is_capped_by_its_context(engine) -> None:
+    long = "word" + " word" * 149
+    with pytest.raises(InputError, match="150 tokens exceed the limit of 128"):
+        run(engine.classify([long], max_tokens=500))
+    (res,) = run(engine.classify([long], truncate=True, max_tokens=500))
+    assert len(res) == 3
+
+
 def test_engine_path_of_onnxruntime_does_not_import_torch(tmp_path, tiny_lm_dir) -> None:
     """Neither the first start (export in a child process) nor a cache hit imports torch."""
     import subprocess

@@ -86,3 +86,17 @@ def test_warpers_switch_sampling_on_like_tgi() -> None:
     assert not SamplingParams().sampling
     assert SamplingParams(temperature=0.5).sampling and SamplingParams(top_k=3).sampling
     assert not SamplingParams(temperature=1.0, top_p=1.0).sampling
+
+
+class _EdgeRng:
+    """A generator stand-in whose draw is the largest float below 1: the top of the CDF."""
+
+    def random(self) -> float:
+        return float(np.nextafter(1.0, 0.0))
+
+
+def test_a_draw_at_the_top_of_the_cdf_stays_on_a_kept_token(logits) -> None:
+    logits[:] = -10.0
+    logits[[3, 7]] = [5.0, 4.0]  # top-k=2 keeps 3 and 7; everything above index 7 is masked
+    token, lp = choose(logits, SamplingParams(do_sample=True, top_k=2), set(), _EdgeRng())
+    assert token == 7 and np.isfinite(lp)
