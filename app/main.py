@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from app.api.routes import classify, generate, health, openai, tokenize
 from app.core.config import Settings, get_settings
 from app.core.errors import UnauthorizedError, envelope, error_type_for, install_error_handlers
 from app.engine.engine import Engine
+from app.engine.loader import LoadCancelledError
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -37,12 +39,12 @@ def configure_logging(level: str) -> None:
     logging.getLogger("export").setLevel(level.upper())
 
 
-def _load_engine(s: Settings) -> Engine:
+def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
     engine = Engine.load(
         s.model_path, s.classifier_path, backend=s.backend, device=s.device, precision=s.precision,
         cache_dir=s.onnx_cache_dir, num_threads=s.num_threads, max_batch_size=s.max_batch_size,
         max_batch_total_tokens=s.max_batch_total_tokens, max_input_tokens=s.max_input_tokens,
-        max_total_tokens=s.max_total_tokens,
+        max_total_tokens=s.max_total_tokens, cancel=cancel,
     )
     engine.start()
     return engine
@@ -53,10 +55,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     on_failure: Callable[[], None] | None = getattr(app.state, "on_load_failure", None)
 
+    cancel = threading.Event()
+
     async def load() -> None:
         t0 = time.perf_counter()
         try:
-            engine = await asyncio.to_thread(_load_engine, state.settings)
+            engine = await asyncio.to_thread(_load_engine, state.settings, cancel)
+        except LoadCancelledError:
+            logger.info("loading cancelled by shutdown")
+            return
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"
             logger.error("loading the models failed: %s", state.load_error, exc_info=e)
@@ -75,7 +82,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.ready = False
         if not task.done():
-            task.cancel()
+            cancel.set()  # stops a first-start export child; the loader thread then returns
+            await asyncio.wait({task}, timeout=30)
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
 

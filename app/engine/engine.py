@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,11 @@ class Engine:
     def load(cls, model_path: Path | None, classifier_path: Path | None = None, backend: str = "auto",
              device: str = "auto", precision: str = "fp32", cache_dir: Path = Path(".onnx_cache"),
              num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
-             max_input_tokens: int | None = None, max_total_tokens: int | None = None) -> Engine:
-        """Load (and export, on a cache miss) the models; blocking."""
-        kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads)
+             max_input_tokens: int | None = None, max_total_tokens: int | None = None,
+             cancel: threading.Event | None = None) -> Engine:
+        """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
+        kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
+                  cancel=cancel)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
         return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens)

@@ -17,6 +17,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +78,12 @@ def _valid(folder: Path, sha: str) -> str | None:
     return f"damaged files: {', '.join(bad)}" if bad else None
 
 
-def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu") -> Path:
+class LoadCancelledError(RuntimeError):
+    """Loading was cancelled (the server is shutting down); not a reason to fall back."""
+
+
+def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
+                  cancel: threading.Event | None = None) -> Path:
     """Path of a verified `model.onnx` for the checkpoint, exporting it if the cache has none."""
     sha = mf.checkpoint_sha256(checkpoint)
     final = cache_dir / cache_key(checkpoint, task, precision)
@@ -96,7 +103,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
     try:
-        _export_subprocess(checkpoint, tmp, task, precision, device)
+        _export_subprocess(checkpoint, tmp, task, precision, device, cancel)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -109,17 +116,30 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     return final / mf.MODEL_FILE
 
 
-def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str) -> None:
+def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str,
+                       cancel: threading.Event | None = None) -> None:
     """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
-    server process, and the tracer never shares the interpreter with the event loop's threads."""
+    server process, and the tracer never shares the interpreter with the event loop's threads.
+    Setting `cancel` stops the child (a shutdown during a first-start export)."""
     cmd = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
            "--precision", precision]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
-    if r.returncode != 0:
-        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
-        raise RuntimeError(f"export failed (exit {r.returncode}): {tail}")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).resolve().parents[2])
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    proc.terminate()
+                    proc.wait()
+                    raise LoadCancelledError("export cancelled: shutting down") from None
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = "\n".join(err.read().decode(errors="replace").strip().splitlines()[-5:])
+            raise RuntimeError(f"export failed (exit {proc.returncode}): {tail}")
 
 
 def _context_length(onnx_path: Path) -> int:
@@ -127,7 +147,8 @@ def _context_length(onnx_path: Path) -> int:
 
 
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "fp32",
-         cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None) -> Loaded:
+         cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
+         cancel: threading.Event | None = None) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
@@ -140,7 +161,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
             if precision == "fp16" and dev == "cpu":
                 logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
             cache_hit = (cache_dir / cache_key(checkpoint, task, precision)).exists()
-            path = ensure_export(checkpoint, task, precision, cache_dir, dev)
+            path = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
             from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner
 
             if task == "generate":
@@ -148,6 +169,8 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
             else:
                 runner = OrtClassificationRunner(path, dev, num_threads, n_positions=_context_length(path))
             return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, None, cache_hit)
+        except LoadCancelledError:
+            raise
         except Exception as e:
             if backend == "onnxruntime":
                 raise

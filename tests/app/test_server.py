@@ -315,3 +315,22 @@ def test_server_keeps_serving_after_every_kind_of_error(server) -> None:
     post(server, "/generate", {"inputs": "x" * 70_000})
     wait_healthy(server, 10)
     assert post(server, "/generate", GEN).status_code == 200
+
+
+def test_sigterm_during_a_first_start_export_stops_it_and_exits_0(tmp_path, tiny_lm_dir) -> None:
+    cache = tmp_path / "fresh-cache"
+    srv = start_server(tmp_path, {"MODEL_PATH": str(tiny_lm_dir), "CLASSIFIER_PATH": "",
+                                  "ONNX_CACHE_DIR": str(cache)}, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not (cache.exists() and any(p.name.startswith(".tmp-") for p in cache.iterdir())):
+            assert time.monotonic() < deadline, srv.log_text()[-2000:]
+            time.sleep(0.1)  # the export child is at work
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 15  # not after a whole export
+        assert [p.name for p in cache.iterdir()] == []  # no half export left behind
+        assert "loading cancelled by shutdown" in srv.log_text()
+    finally:
+        stop_server(srv)
