@@ -19,7 +19,7 @@ def main() -> int:
     jobs = [("generate", s.model_path)] + ([("classify", s.classifier_path)] if s.classifier_path else [])
     for task, path in jobs:
         try:
-            onnx = ensure_export(path, task, s.precision, s.onnx_cache_dir, device)
+            onnx, _ = ensure_export(path, task, s.precision, s.onnx_cache_dir, device)
         except Exception as e:  # a CLI: say what failed and exit non-zero
             logger.error("%s export of %s failed: %s", task, path, e)
             return 1

@@ -29,13 +29,17 @@ class ServiceState:
     started: float = field(default_factory=time.time)
     route_paths: set[str] = field(default_factory=set)
 
-    def acquire(self) -> None:
-        """Admit one request or refuse at once: there is no unbounded queue."""
+    def check_ready(self) -> None:
+        """Raise `UnavailableError` (503) while loading, after a failed load, or while draining."""
         if self.draining:
             raise UnavailableError("server is shutting down")
         if not self.ready or self.engine is None:
             raise UnavailableError("model is loading" if self.load_error is None else
                                    f"model failed to load: {self.load_error}")
+
+    def acquire(self) -> None:
+        """Admit one request or refuse at once: there is no unbounded queue."""
+        self.check_ready()
         if self.in_flight >= self.settings.max_concurrent_requests:
             raise OverloadedError(f"more than MAX_CONCURRENT_REQUESTS ({self.settings.max_concurrent_requests}) "
                                   f"requests in flight; retry later")

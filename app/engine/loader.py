@@ -60,8 +60,9 @@ def resolve_device(device: str, backend: str) -> str:
     return "cpu"
 
 
-def cache_key(checkpoint: Path, task: str, precision: str) -> str:
-    return f"{task}-{precision}-opset{mf.DEFAULT_OPSET}-{mf.checkpoint_sha256(checkpoint)[:20]}"
+def cache_key(sha: str, task: str, precision: str) -> str:
+    """The cache folder name for a checkpoint (by its `checkpoint_sha256`) and the export options."""
+    return f"{task}-{precision}-opset{mf.DEFAULT_OPSET}-{sha[:20]}"
 
 
 def _valid(folder: Path, sha: str) -> str | None:
@@ -83,15 +84,16 @@ class LoadCancelledError(RuntimeError):
 
 
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
-                  cancel: threading.Event | None = None) -> Path:
-    """Path of a verified `model.onnx` for the checkpoint, exporting it if the cache has none."""
-    sha = mf.checkpoint_sha256(checkpoint)
-    final = cache_dir / cache_key(checkpoint, task, precision)
+                  cancel: threading.Event | None = None) -> tuple[Path, bool]:
+    """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
+    exporting it if the cache has none."""
+    sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
+    final = cache_dir / cache_key(sha, task, precision)
     if final.exists():
         why = _valid(final, sha)
         if why is None:
             logger.info("using cached export %s", final)
-            return final / mf.MODEL_FILE
+            return final / mf.MODEL_FILE, True
         logger.warning("cached export %s is unusable (%s); rebuilding", final, why)
         trash = cache_dir / f".trash-{uuid.uuid4().hex}"
         try:
@@ -113,7 +115,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
             logger.info("another process wrote %s first; using it", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final / mf.MODEL_FILE
+    return final / mf.MODEL_FILE, False
 
 
 def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str,
@@ -160,8 +162,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                                    "(install onnxruntime-gpu)")
             if precision == "fp16" and dev == "cpu":
                 logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
-            cache_hit = (cache_dir / cache_key(checkpoint, task, precision)).exists()
-            path = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
+            path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
             from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner
 
             if task == "generate":

@@ -53,6 +53,7 @@ class StreamEvent:
     index: int  # 0-based index of the generated token
     token: Token
     finish: Finish | None = None  # set on the last event
+    delta: str = ""  # text completed by this token (whole UTF-8 characters; special tokens skipped)
 
 
 @dataclass
@@ -80,7 +81,6 @@ class _Seq:
         self.cancelled = False
         self.finished = False
         self.last_token = -1
-        self.created = time.perf_counter()
         self.budget = len(req.prompt_ids) + req.max_new_tokens
 
     def accept(self, logits_row: np.ndarray, context_limit: int) -> None:
@@ -113,7 +113,7 @@ class _Seq:
             self.finished = True
             seed = self.sampler.seed if self.req.params.sampling else None  # greedy has no seed, as in TGI
             finish = Finish(reason, self.text, len(self.tokens), seed, list(self.tokens))
-        self.emit(StreamEvent(len(self.tokens) - 1, tok, finish))
+        self.emit(StreamEvent(len(self.tokens) - 1, tok, finish, delta))
 
     def fail(self, exc: BaseException) -> None:
         self.finished = True

@@ -11,7 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import StateDep
 from app.api.routes.generate import ERRORS
-from app.core.errors import UnavailableError
 from app.schemas import HealthResponse
 
 router = APIRouter(tags=["service"])
@@ -27,11 +26,7 @@ def version() -> str:
 @router.get("/health", response_model=HealthResponse, responses={503: ERRORS[503]})
 async def health(state: StateDep) -> Any:
     """200 once the models are loaded and warmed up; 503 while loading or draining."""
-    if state.draining:
-        raise UnavailableError("server is shutting down")
-    if not state.ready:
-        raise UnavailableError("model is loading" if state.load_error is None else
-                               f"model failed to load: {state.load_error}")
+    state.check_ready()
     return JSONResponse({"status": "ok"})
 
 

@@ -114,10 +114,10 @@ async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRe
     """Chunks of every prompt's choice as they come, then one usage chunk and `[DONE]`.
 
     Text that could still be the start of a stop sequence is held back (the stop is cut from
-    the output), and so is a trailing partial UTF-8 character.
+    the output); partial UTF-8 characters never arrive (the engine decodes incrementally).
     """
     queue: asyncio.Queue = asyncio.Queue()
-    name, tok = model_id(state), state.engine.tokenizer
+    name = model_id(state)
     hold = max((len(s) for s in stops), default=1) - 1
 
     async def pump(i: int, req: GenerationRequest) -> None:
@@ -137,7 +137,7 @@ async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRe
         return f"data: {json.dumps(body)}\n\n"
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-    ids: list[list[int]] = [[] for _ in reqs]
+    texts = [""] * len(reqs)
     sent = [0] * len(reqs)
     done, completion_tokens = 0, 0
     try:
@@ -154,13 +154,11 @@ async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRe
                 done += 1
                 yield chunk(i, text[sent[i]:], reason)
                 continue
-            ids[i].append(ev.token.id)
-            text = tok.decode(ids[i], skip_special_tokens=True)
-            safe = len(text) - hold
-            while safe > sent[i] and text[safe - 1] == "\ufffd":
-                safe -= 1
+            # The engine's incremental decoder already holds back partial UTF-8 characters.
+            texts[i] += ev.delta
+            safe = len(texts[i]) - hold
             if safe > sent[i]:
-                yield chunk(i, text[sent[i]:safe], None)
+                yield chunk(i, texts[i][sent[i]:safe], None)
                 sent[i] = safe
         prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         yield chunk(0, "", None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
