@@ -25,18 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check parity against PyTorch (default: on)")
+    p.add_argument("--attention", choices=["standard", "gqa"], default="standard",
+                   help="generation graph: standard past/present, or GroupQueryAttention with shared KV buffers")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--provider", default=None, help="ONNX Runtime provider for verification (default: CPU)")
     return p
 
 
 def _summary(m: dict) -> str:
-    rows = [("task", m["task"]), ("precision", m["precision"]), ("opset", m["opset"]),
+    rows = [("task", m["task"]), ("precision", m["precision"]), ("attention", m.get("attention") or "-"),
+            ("opset", m["opset"]),
             ("checkpoint sha256", m["checkpoint"]["sha256"][:16] + "..."),
             ("SkipLayerNormalization", f"{m['fused_ops']['SkipLayerNormalization']} "
                                        f"(expected {m['expected_skip_layer_norm']})"),
             ("LayerNormalization", m["fused_ops"]["LayerNormalization"]),
             ("FastGelu / BiasGelu", f"{m['fused_ops']['FastGelu']} / {m['fused_ops']['BiasGelu']}"),
+            ("GroupQueryAttention", m["fused_ops"].get("GroupQueryAttention", 0)),
             ("files", ", ".join(m["files"]))]
     par = m.get("parity")
     if par:
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = [args.provider] if args.provider else None
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, args.task, args.precision, args.verify, args.opset,
-                                     providers)
+                                     providers, args.attention)
     except (CheckpointError, ExportError) as e:
         logger.error("%s", e)
         return 2

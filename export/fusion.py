@@ -18,7 +18,7 @@ from onnx import numpy_helper
 logger = logging.getLogger(__name__)
 
 CONTRIB_DOMAIN = "com.microsoft"
-FUSED_OPS = ("SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu")
+FUSED_OPS = ("SkipLayerNormalization", "LayerNormalization", "FastGelu", "BiasGelu", "Gelu", "GroupQueryAttention")
 
 
 class FusionError(RuntimeError):
@@ -35,11 +35,14 @@ def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {op: counts.get(op, 0) for op in FUSED_OPS}
 
 
-def check_fusion(model: onnx.ModelProto, n_layer: int) -> dict[str, int]:
-    """Raise `FusionError` unless every LayerNorm is a SkipLayerNormalization; return the counts."""
+def check_fusion(model: onnx.ModelProto, n_layer: int, attention: str = "standard") -> dict[str, int]:
+    """Raise `FusionError` unless every LayerNorm is a SkipLayerNormalization (and, for the
+    `gqa` graph, every layer's attention one GroupQueryAttention); return the counts."""
     counts = fused_op_counts(model)
     want = 2 * n_layer + 1
     problems = []
+    if attention == "gqa" and counts["GroupQueryAttention"] != n_layer:
+        problems.append(f"{counts['GroupQueryAttention']} GroupQueryAttention nodes, expected {n_layer}")
     if counts["SkipLayerNormalization"] != want:
         problems.append(f"{counts['SkipLayerNormalization']} SkipLayerNormalization nodes, expected {want}")
     if counts["LayerNormalization"]:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.export import Dim
 
 from export.manifest import DEFAULT_OPSET
-from model.gpt2 import GPT2, GPT2ForSequenceClassification
+from model.gpt2 import GPT2, GPT2ForSequenceClassification, KVSlots
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 # Friendly names for the symbolic dims the exporter invents.
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+CACHE = "max_cache_length"
 
 
 def kv_input_names(n_layer: int) -> list[str]:
@@ -53,6 +54,20 @@ class _GenerationGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: ANN001
         out = self.model(input_ids, attention_mask, position_ids, past, last_only=True)
+        return (out.logits, *(t for kv in out.past_key_values for t in kv))
+
+
+class _SlotGenerationGraph(nn.Module):
+    """The `attention="gqa"` signature: KV buffers shared between past and present (see
+    `model.gpt2.KVSlots`); no attention mask, each row's length is `seqlens_k + 1`."""
+
+    def __init__(self, model: GPT2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, seqlens_k, total_sequence_length, past):  # noqa: ANN001
+        out = self.model(input_ids, None, position_ids, past, last_only=True,
+                         slots=KVSlots(seqlens_k, total_sequence_length))
         return (out.logits, *(t for kv in out.past_key_values for t in kv))
 
 
@@ -114,12 +129,18 @@ def _export(module: nn.Module, args: tuple, fused: bool = True, **kwargs) -> tor
 
 
 @torch.no_grad()
-def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET, fused: bool = True) -> None:
+def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET, fused: bool = True,
+                      attention: str = "standard") -> None:
     """Export the KV-cache generation graph of `model` (fp32) to `path`.
 
     `fused=False` keeps plain Add + LayerNormalization and the decomposed GELU: the baseline
-    the benchmarks compare the fused graph against.
+    the benchmarks compare the fused graph against. `attention="gqa"` exports the shared-buffer
+    signature instead (one GroupQueryAttention node per layer; see `export_generation_gqa`).
     """
+    if attention == "gqa":
+        return export_generation_gqa(model, path, opset, fused)
+    if attention != "standard":
+        raise ValueError(f"attention must be 'standard' or 'gqa', not {attention!r}")
     cfg = model.config
     model = model.eval().float()
     # torch.export specialises dims that are 0 or 1 in the example, so trace with B, T, P >= 2;
@@ -150,6 +171,46 @@ def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET,
     dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, TOTAL], "position_ids": [BATCH, SEQ],
             "logits": [BATCH, cfg.vocab_size]}
     dims |= {n: kv_in for n in kv_input_names(cfg.n_layer)} | {n: kv_out for n in kv_output_names(cfg.n_layer)}
+    _save(program, model, Path(path), dims)
+
+
+@torch.no_grad()
+def export_generation_gqa(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET, fused: bool = True) -> None:
+    """The generation graph with ONNX Runtime's GroupQueryAttention and shared KV buffers:
+        inputs   input_ids (B, T), position_ids (B, T) int64, seqlens_k (B,) int32,
+                 total_sequence_length () int32, past_key_values.{i}.key / .value (B, n_head, M, head_dim)
+        outputs  logits (B, V) at each row's last real token, present.{i}.key / .value (B, n_head, M, head_dim)
+    Bind each present to the same buffer as its past and a decode step writes one column in place.
+    """
+    cfg = model.config
+    model = model.eval().float()
+    B, T, M = 2, 3, 8
+    dev = next(model.parameters()).device
+    input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+    position_ids = torch.arange(2, 2 + T, device=dev).expand(B, T).contiguous()
+    seqlens_k = torch.full((B,), 2 + T - 1, dtype=torch.int32, device=dev)
+    total = torch.tensor(2 + T, dtype=torch.int32, device=dev)
+    kv_shape = (B, cfg.n_head, M, cfg.head_dim)
+    past = tuple((torch.zeros(kv_shape, device=dev), torch.zeros(kv_shape, device=dev)) for _ in range(cfg.n_layer))
+    batch, seq, cache = Dim(BATCH), Dim(SEQ, max=cfg.n_positions), Dim(CACHE, max=cfg.n_positions)
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "seqlens_k": {0: batch},
+        "total_sequence_length": None,
+        "past": tuple(({0: batch, 2: cache}, {0: batch, 2: cache}) for _ in range(cfg.n_layer)),
+    }
+    inputs = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", *kv_input_names(cfg.n_layer)]
+    outputs = ["logits", *kv_output_names(cfg.n_layer)]
+    logger.info("tracing the GQA generation graph (%d layers)", cfg.n_layer)
+    program = _export(
+        _SlotGenerationGraph(model), (input_ids, position_ids, seqlens_k, total, past),
+        input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes, opset_version=opset, fused=fused,
+    )
+    kv = [BATCH, cfg.n_head, CACHE, cfg.head_dim]
+    dims = {"input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ], "seqlens_k": [BATCH],
+            "logits": [BATCH, cfg.vocab_size]}
+    dims |= {n: kv for n in kv_input_names(cfg.n_layer) + kv_output_names(cfg.n_layer)}
     _save(program, model, Path(path), dims)
 
 

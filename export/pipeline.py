@@ -19,6 +19,7 @@ from export.verify import ParityError, verify
 logger = logging.getLogger(__name__)
 
 TASKS = ("generate", "classify")
+ATTENTIONS = ("standard", "gqa")
 
 
 class ExportError(RuntimeError):
@@ -57,8 +58,12 @@ def export_checkpoint(
     verify_parity: bool = True,
     opset: int = DEFAULT_OPSET,
     providers: list[str] | None = None,
+    attention: str = "standard",
 ) -> dict[str, Any]:
     """Export `checkpoint` into folder `out` and return the manifest written there.
+
+    `attention` ("standard" or "gqa") picks the generation graph's signature (see
+    `export.graphs`); classification graphs ignore it.
 
     Raises `ExportError` / `CheckpointError` (bad input) or `ParityError` (verification failed;
     the manifest is still written, with `parity.passed = false`).
@@ -71,6 +76,8 @@ def export_checkpoint(
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     checkpoint, out = Path(checkpoint), Path(out)
+    if attention not in ATTENTIONS:
+        raise ExportError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTIONS)}")
     if opset < 17:
         raise ExportError(f"opset {opset} is too old; the graphs need opset >= 17")
     _check_writable(out)
@@ -88,11 +95,14 @@ def export_checkpoint(
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
-        (export_classification if is_classifier else export_generation)(model, fp32_path, opset)
+        if is_classifier:
+            export_classification(model, fp32_path, opset)
+        else:
+            export_generation(model, fp32_path, opset, attention=attention)
         proto = onnx.load(str(fp32_path))
         pruned = prune_unused_optional_outputs(proto)
         logger.info("traced in %.1f s; pruned %d unused optional outputs", time.perf_counter() - t0, pruned)
-        counts = check_fusion(proto, n_layer)
+        counts = check_fusion(proto, n_layer, "standard" if is_classifier else attention)
         if precision == "fp16":
             logger.info("converting to fp16")
             proto = to_fp16(proto)
@@ -109,6 +119,7 @@ def export_checkpoint(
         "format_version": mf.FORMAT_VERSION,
         "task": task,
         "precision": precision,
+        "attention": None if is_classifier else attention,
         "opset": opset,
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": mf.checkpoint_sha256(checkpoint)},
         "model": {"architectures": model.config.architectures, "n_layer": n_layer, "n_head": model.config.n_head,

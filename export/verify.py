@@ -173,6 +173,8 @@ def verify_generation(model: GPT2, onnx_path: Path, precision: str = "fp32", pro
                       checkpoint: Path | None = None) -> ParityReport:
     cfg = model.config
     sess = _Session(onnx_path, providers or ["CPUExecutionProvider"])
+    if "seqlens_k" in sess.input_types:
+        return _verify_generation_gqa(model, sess, precision, checkpoint)
     report = ParityReport("generate", precision, sess.provider)
     gate = precision == "fp32"  # fp16/int8 are judged on logits top-1, their diffs reported
     prompts = _prompt_ids(checkpoint, cfg.vocab_size)
@@ -205,6 +207,71 @@ def verify_generation(model: GPT2, onnx_path: Path, precision: str = "fp32", pro
 
     scenario("left-padded batch", prompts, DECODE_STEPS)
     scenario("batch 1", prompts[:1], 2)
+    return report
+
+
+def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoint: Path | None) -> ParityReport:
+    """The shared-buffer graph against PyTorch's standard (left-padded) path: a right-padded
+    prefill batch then decode steps, a batch-1 prompt, and a prompt prefilled in two chunks.
+    Each row's logits and its filled cache columns are compared."""
+    cfg = model.config
+    report = ParityReport("generate", precision, sess.provider)
+    gate = precision == "fp32"
+    prompts = _prompt_ids(checkpoint, cfg.vocab_size)
+    M = min(cfg.n_positions, max(len(p) for p in prompts) + DECODE_STEPS + 1)
+    names = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in range(cfg.n_layer) for kv in ("key", "value")]
+
+    def run(ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray, bufs: dict[str, np.ndarray]) -> np.ndarray:
+        out = sess.run({"input_ids": ids, "position_ids": pos, "seqlens_k": seqlens.astype(np.int32),
+                        "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32)} | bufs)
+        bufs.update({past: out[present] for past, present in names})  # the graph's own cache goes back in
+        return out["logits"]
+
+    def compare_cache(label: str, bufs: dict[str, np.ndarray], lengths: list[int], ref_kv) -> None:  # noqa: ANN001
+        P = ref_kv[0][0].shape[2]
+        for i, (k, v) in enumerate(ref_kv):
+            for kind, ref in (("key", k.numpy()), ("value", v.numpy())):
+                got = np.stack([bufs[f"past_key_values.{i}.{kind}"][b, :, :n] for b, n in enumerate(lengths)
+                                if n == P])  # rows without left padding compare column for column
+                want = np.stack([ref[b] for b, n in enumerate(lengths) if n == P])
+                _compare(report, label, f"present.{i}.{kind}", got, want, gate)
+
+    def scenario(label: str, rows: list[list[int]], steps: int, chunk: int | None = None) -> None:
+        B, lengths = len(rows), [len(r) for r in rows]
+        bufs = {past: np.zeros((B, cfg.n_head, M, cfg.head_dim), np.float32) for past, _ in names}
+        if chunk:  # batch 1, two calls: the second continues the cache
+            (row,) = rows
+            run(np.asarray([row[:chunk]]), np.arange(chunk)[None], np.asarray([chunk - 1]), bufs)
+            got = run(np.asarray([row[chunk:]]), np.arange(chunk, len(row))[None], np.asarray([len(row) - 1]), bufs)
+        else:
+            T = max(lengths)
+            ids, pos = np.zeros((B, T), np.int64), np.zeros((B, T), np.int64)
+            for b, r in enumerate(rows):
+                ids[b, :len(r)], pos[b, :len(r)] = r, np.arange(len(r))
+            got = run(ids, pos, np.asarray(lengths) - 1, bufs)
+        lids, mask = _left_pad(rows)
+        ref = model(torch.from_numpy(lids), torch.from_numpy(mask), torch.from_numpy(np.clip(mask.cumsum(-1) - 1, 0,
+                                                                                              None)), last_only=True)
+        for step in range(steps + 1):
+            name = f"{label} prefill" if step == 0 else f"{label} decode step {step}"
+            _compare(report, name, "logits", got, ref.logits.numpy(), gate)
+            _top1(report, got, ref.logits.numpy())
+            compare_cache(name, bufs, lengths, ref.past_key_values)
+            if step == steps:
+                break
+            nxt = ref.logits.argmax(-1).numpy()[:, None].astype(np.int64)
+            cur = np.asarray(lengths)
+            got = run(nxt, cur[:, None], cur, bufs)
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            ref = model(torch.from_numpy(nxt), torch.from_numpy(mask), torch.from_numpy(cur[:, None]),
+                        ref.past_key_values, last_only=True)
+            lengths = [n + 1 for n in lengths]
+
+    scenario("right-padded batch", prompts, DECODE_STEPS)
+    scenario("batch 1", prompts[:1], 2)
+    longest = max(prompts, key=len)
+    if len(longest) > 1:
+        scenario("chunked prompt", [longest], 1, chunk=len(longest) // 2)
     return report
 
 

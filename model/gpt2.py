@@ -150,6 +150,43 @@ class FusedAddLayerNorm(nn.Module):
         return normed, residual_sum
 
 
+@dataclass
+class KVSlots:
+    """Attention over fixed-size KV buffers shared between past and present, the way ONNX
+    Runtime's `GroupQueryAttention` contrib op runs it: `past_key_values` are (B, nh, M, hd)
+    buffers, each row holds its tokens at cache indices 0.. with no padding, and the new tokens
+    are written in place. A decode step then copies nothing, and rows of different lengths share
+    a batch without left padding (positions are plain cache indices).
+
+    Rows of one call are either first prompts (right-padded, past length 0) or continue their
+    cache at index `seqlens_k + 1 - T` (decode steps, T = 1, and prompt chunks, batch 1): the
+    two cases ONNX Runtime's CPU kernel accepts.
+    """
+
+    seqlens_k: torch.Tensor  # (B,) int32: cache index of each row's last real token after this call
+    total_sequence_length: torch.Tensor  # () int32: max over rows of seqlens_k + 1
+
+    def last_index(self, n_new: int) -> torch.Tensor:
+        """(B,) index, within this call's `n_new` tokens, of each row's last real token."""
+        seqlens = self.seqlens_k.long()
+        return seqlens - (seqlens + 1 - n_new).clamp(min=0)
+
+
+def _gqa_onnx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor],
+              slots: KVSlots, n_head: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Emit one ONNX Runtime GroupQueryAttention node (kv heads = heads: plain multi-head
+    attention); only reached while `torch.onnx.export` traces."""
+    out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        (q, k, v, past[0], past[1], slots.seqlens_k, slots.total_sequence_length),
+        attrs={"num_heads": n_head, "kv_num_heads": n_head, "scale": float(scale)},
+        dtypes=(q.dtype, past[0].dtype, past[1].dtype),
+        shapes=(q.shape, past[0].shape, past[1].shape),
+        version=1,
+    )
+    return out, present_k, present_v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
@@ -165,11 +202,14 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        attn_bias: torch.Tensor,  # (B, 1, T, P+T) additive: 0 where visible, dtype-min where not
+        attn_bias: torch.Tensor | None,  # (B, 1, T, P+T) additive: 0 where visible, dtype-min where not
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        slots: KVSlots | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        if slots is not None:
+            return self._slot_attention(q, k, v, past, slots)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -179,6 +219,29 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y), (k, v)
+
+    def _slot_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        past: tuple[torch.Tensor, torch.Tensor], slots: KVSlots,
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """q, k, v (B, T, C); past: (B, nh, M, hd) buffers (see `KVSlots`)."""
+        if torch.onnx.is_in_onnx_export():
+            y, pk, pv = _gqa_onnx(q, k, v, past, slots, self.n_head, self.scale)
+            return self.c_proj(y), (pk, pv)
+        B, T, C = q.shape
+        M = past[0].shape[2]
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        last = slots.seqlens_k.long()  # (B,)
+        start = (last + 1 - T).clamp(min=0)  # a right-padded first prompt starts at 0
+        idx = start[:, None] + torch.arange(T, device=q.device)  # (B, T) cache index of each new token
+        write = idx[:, None, :, None].expand(B, self.n_head, T, self.head_dim).clamp(max=M - 1)
+        kbuf = past[0].scatter(2, write, k)  # (B, nh, M, hd)
+        vbuf = past[1].scatter(2, write, v)
+        key = torch.arange(M, device=q.device)
+        visible = (key[None, None, :] <= idx[:, :, None]) & (key[None, None, :] <= last[:, None, None])  # (B, T, M)
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~visible, torch.finfo(q.dtype).min).unsqueeze(1)  # (B, 1, T, M)
+        y = F.scaled_dot_product_attention(q, kbuf, vbuf, attn_mask=bias, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), (kbuf, vbuf)
 
 
 def _bias_gelu_onnx(x: torch.Tensor, bias: torch.Tensor, op: str) -> torch.Tensor:
@@ -220,11 +283,12 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor,
-        attn_bias: torch.Tensor,
+        attn_bias: torch.Tensor | None,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        slots: KVSlots | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         h, residual = self.ln_1(x, residual)
-        a, present = self.attn(h, attn_bias, past)
+        a, present = self.attn(h, attn_bias, past, slots)
         h, residual = self.ln_2(a, residual)
         return self.mlp(h), residual, present
 
@@ -246,8 +310,19 @@ class GPT2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, P+T), 1 = real token, 0 = padding
         position_ids: torch.Tensor | None = None,  # (B, T)
         past_key_values: KVCache | None = None,
+        slots: KVSlots | None = None,  # past_key_values are fixed-size buffers; attention_mask is unused
     ) -> tuple[torch.Tensor, KVCache]:
         B, T = input_ids.shape
+        if slots is not None:
+            if past_key_values is None or position_ids is None:
+                raise ValueError("slot attention needs the KV buffers and position_ids")
+            x, residual = self.wte(input_ids), self.wpe(position_ids)  # (B, T, C) each
+            presents = []
+            for block, past in zip(self.h, past_key_values, strict=True):
+                x, residual, present = block(x, residual, None, past, slots)
+                presents.append(present)
+            hidden, _ = self.ln_f(x, residual)
+            return hidden, tuple(presents)
         P = past_key_values[0][0].shape[2] if past_key_values else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=input_ids.device)
@@ -290,11 +365,15 @@ class GPT2(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         last_only: bool = False,
+        slots: KVSlots | None = None,
     ) -> CausalLMOutput:
-        hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
+        hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values, slots)
         if last_only:
             # Generation needs the next-token distribution only: (B, V), never (B, T, V).
-            hidden = hidden[:, -1, :]
+            if slots is None:
+                hidden = hidden[:, -1, :]
+            else:  # right-padded rows end at different indices
+                hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), slots.last_index(hidden.shape[1])]
         return CausalLMOutput(logits=self.lm_head(hidden), past_key_values=presents)
 
 

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     max_batch_total_tokens: int = Field(32768, ge=2)
     max_concurrent_requests: int = Field(128, ge=1)
+    max_batch_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens per prefill call when "
+                                                                  "nothing is decoding; longer prompts are chunked")
+    prefill_chunk_tokens: int = Field(64, ge=1, description="prompt tokens prefilled per decode step while other "
+                                                            "streams run: bounds their inter-token latency")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     log_level: str = "INFO"
     model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")

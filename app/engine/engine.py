@@ -51,7 +51,8 @@ def _id2label(checkpoint: Path, n: int) -> list[str]:
 class Engine:
     def __init__(self, generation: Loaded | None, classification: Loaded | None, max_batch_size: int = 32,
                  max_batch_total_tokens: int = 32768, max_input_tokens: int | None = None,
-                 max_total_tokens: int | None = None) -> None:
+                 max_total_tokens: int | None = None, prefill_chunk_tokens: int = 64,
+                 max_batch_prefill_tokens: int = 4096) -> None:
         self.generation = generation
         self.max_total_tokens = max_total_tokens
         self.classification = classification
@@ -67,6 +68,7 @@ class Engine:
             generation.runner if generation else None, self.tokenizer,
             classification.runner if classification else None, max_batch_size, max_batch_total_tokens,
             eos_token_id=self.tokenizer.eos_token_id if self.tokenizer else None,
+            prefill_chunk_tokens=prefill_chunk_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
         )
 
     @classmethod
@@ -74,13 +76,15 @@ class Engine:
              device: str = "auto", precision: str = "fp32", cache_dir: Path = Path(".onnx_cache"),
              num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
-             cancel: threading.Event | None = None) -> Engine:
+             cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
+             max_batch_prefill_tokens: int = 4096) -> Engine:
         """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
                   cancel=cancel)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
-        return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens)
+        return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
+                   prefill_chunk_tokens, max_batch_prefill_tokens)
 
     def start(self) -> None:
         self.warmup()
@@ -188,7 +192,8 @@ class Engine:
                 return None
             return {"model_path": str(lo.checkpoint), "backend": lo.backend, "device": lo.device,
                     "precision": lo.precision, "onnx_path": str(lo.onnx_path) if lo.onnx_path else None,
-                    "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit}
+                    "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit,
+                    "attention": lo.attention}
 
         return {"generation": one(self.generation), "classification": one(self.classification),
                 "context_length": self.context_length, "labels": self.labels}

@@ -1,13 +1,17 @@
 """Backend selection and the export cache.
 
 `BACKEND=auto` serves on ONNX Runtime from an export made on first start (or found in
-`ONNX_CACHE_DIR`, keyed by checkpoint hash, task, precision and opset) and falls back to PyTorch
+`ONNX_CACHE_DIR`, keyed by checkpoint hash, task, precision, attention and opset) and falls back to PyTorch
 when the export, the session or the requested provider fails; the reason is logged and kept
 for `/info`. A cached export is used only if its manifest matches the checkpoint hash, its
 parity check passed and every model file still has its recorded sha256; otherwise it is rebuilt.
 Exports run in a child process (`python -m export`), write to a temporary folder and are renamed
 into place, so two processes starting at once never see (or leave) half an export, and the
 serving process never imports torch on the ONNX Runtime path.
+
+On CPU the generation graph is the GroupQueryAttention one with shared KV buffers
+(`OrtSlotRunner`): decode steps copy no cache. On CUDA it is the standard past/present graph
+(ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only), run with IO binding.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Loaded:
     onnx_path: Path | None = None
     fallback_reason: str | None = None
     cache_hit: bool | None = None
+    attention: str | None = None  # generation graph signature: "gqa" | "standard"
 
 
 def ort_cuda_available() -> bool:
@@ -60,9 +65,15 @@ def resolve_device(device: str, backend: str) -> str:
     return "cpu"
 
 
-def cache_key(sha: str, task: str, precision: str) -> str:
+def attention_for(task: str, device: str) -> str:
+    """The generation graph each device serves best (see the module docstring)."""
+    return "gqa" if task == "generate" and device == "cpu" else "standard"
+
+
+def cache_key(sha: str, task: str, precision: str, attention: str = "standard") -> str:
     """The cache folder name for a checkpoint (by its `checkpoint_sha256`) and the export options."""
-    return f"{task}-{precision}-opset{mf.DEFAULT_OPSET}-{sha[:20]}"
+    kind = f"-{attention}" if task == "generate" else ""
+    return f"{task}-{precision}{kind}-opset{mf.DEFAULT_OPSET}-{sha[:20]}"
 
 
 def _valid(folder: Path, sha: str) -> str | None:
@@ -88,7 +99,8 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
     exporting it if the cache has none."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
-    final = cache_dir / cache_key(sha, task, precision)
+    attention = attention_for(task, device)
+    final = cache_dir / cache_key(sha, task, precision, attention)
     if final.exists():
         why = _valid(final, sha)
         if why is None:
@@ -105,7 +117,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
     try:
-        _export_subprocess(checkpoint, tmp, task, precision, device, cancel)
+        _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -119,12 +131,12 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
 
 
 def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str,
-                       cancel: threading.Event | None = None) -> None:
+                       cancel: threading.Event | None = None, attention: str = "standard") -> None:
     """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
     server process, and the tracer never shares the interpreter with the event loop's threads.
     Setting `cancel` stops the child (a shutdown during a first-start export)."""
     cmd = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
-           "--precision", precision]
+           "--precision", precision, "--attention", attention]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]
     with tempfile.TemporaryFile() as err:
@@ -163,13 +175,17 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
             if precision == "fp16" and dev == "cpu":
                 logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
             path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
-            from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner
+            from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
 
-            if task == "generate":
-                runner = OrtGenerationRunner(path, dev, num_threads, n_positions=_context_length(path))
-            else:
+            attention = attention_for(task, dev)
+            if task != "generate":
                 runner = OrtClassificationRunner(path, dev, num_threads, n_positions=_context_length(path))
-            return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, None, cache_hit)
+            elif attention == "gqa":
+                runner = OrtSlotRunner(path, dev, num_threads, n_positions=_context_length(path))
+            else:
+                runner = OrtGenerationRunner(path, dev, num_threads, n_positions=_context_length(path))
+            return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, None, cache_hit,
+                          attention if task == "generate" else None)
         except LoadCancelledError:
             raise
         except Exception as e:
@@ -187,4 +203,5 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
     cls = TorchGenerationRunner if task == "generate" else TorchClassificationRunner
     served_precision = precision if (precision == "fp16" and dev == "cuda") else "fp32"
     runner = cls(checkpoint, dev, precision, num_threads)
-    return Loaded(runner, task, "torch", dev, served_precision, checkpoint, None, reason)
+    return Loaded(runner, task, "torch", dev, served_precision, checkpoint, None, reason,
+                  attention="standard" if task == "generate" else None)

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.engine.runner import KV, ClassificationRunner, GenerationRunner, ModelInfo, left_pad
+from app.engine.runner import (
+    KV,
+    ClassificationRunner,
+    GenerationRunner,
+    ModelInfo,
+    PaddedRunner,
+    PendingPrefill,
+    left_pad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +68,9 @@ def _require(sess: ort.InferenceSession, inputs: Sequence[str], outputs: Sequenc
         raise GraphContractError(f"ONNX graph is missing {', '.join(missing)}")
 
 
-class OrtGenerationRunner(GenerationRunner):
+class OrtGenerationRunner(PaddedRunner):
+    """The standard past/present graph (DESIGN §7), left-padded batch; CPU or CUDA."""
+
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
@@ -129,6 +139,145 @@ class OrtGenerationRunner(GenerationRunner):
 
     def _kv_drop_cols(self, kv: KV, cols: int) -> KV:
         return self._map(kv, lambda a: a[:, :, cols:])
+
+
+class OrtSlotRunner(GenerationRunner):
+    """The GroupQueryAttention graph (`export_generation_gqa`) on CPU, with one KV buffer per
+    layer and kind, (capacity + 1, n_head, M, head_dim), M = the context length.
+
+    Row r of the batch is buffer row r and holds its tokens at cache indices 0..length-1, so a
+    row's position ids are its cache indices and rows of any lengths share a step without
+    padding. Each call binds views of the buffers as both past and present (IO binding over
+    numpy memory), and GroupQueryAttention writes the new columns in place: a decode step copies
+    no cache. Dropping a row moves the last rows into its place (only their filled columns); the
+    returned order tells the caller. The extra buffer row (`capacity`) holds a prompt being
+    prefilled in chunks until it joins the batch. Buffers grow by doubling, and np.zeros only
+    touches the pages rows actually fill.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
+                 n_positions: int = 1024, initial_capacity: int = 4) -> None:
+        if device != "cpu":
+            raise ValueError("the GroupQueryAttention graph runs on CPU here; CUDA uses the standard graph")
+        self.sess = make_session(path, device, num_threads)
+        self.device = device
+        past = sorted((int(m[1]), m[2], i) for i in self.sess.get_inputs() if (m := _PAST.match(i.name)))
+        n_layer = len({layer for layer, _, _ in past})
+        if n_layer == 0:
+            raise GraphContractError("ONNX graph has no past_key_values.{i}.key/value inputs")
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        _require(self.sess, ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", *self.past_names],
+                 ["logits", *self.present_names])
+        shape = past[0][2].shape  # (batch, n_head, max_cache_length, head_dim)
+        self.kv_dtype = np.float16 if past[0][2].type == "tensor(float16)" else np.float32
+        logits_shape = next(o for o in self.sess.get_outputs() if o.name == "logits").shape
+        self.info = ModelInfo(n_layer, int(shape[1]), int(shape[3]), int(logits_shape[-1]), n_positions)
+        self.capacity = 0
+        self.bufs: list[np.ndarray] = []
+        self.lengths = np.zeros((0,), np.int64)  # (B,) tokens in each row's cache
+        self._grow(initial_capacity)
+        logger.info("ONNX Runtime GQA generation runner on cpu, %d layers, kv %s, shared KV buffers of %d positions",
+                    n_layer, np.dtype(self.kv_dtype).name, n_positions)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def _grow(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        cap = max(rows, 2 * self.capacity)
+        shape = (cap + 1, self.info.n_head, self.info.n_positions, self.info.head_dim)
+        n, width = self.num_rows, int(self.lengths.max(initial=0))
+        new = []
+        for old in self.bufs or [None] * len(self.past_names):
+            buf = np.zeros(shape, self.kv_dtype)
+            if old is not None:
+                buf[:n, :, :width] = old[:n, :, :width]
+                buf[cap] = old[self.capacity]  # a chunked prefill in progress
+            new.append(buf)
+        self.bufs, self.capacity = new, cap
+
+    def _run(self, ids: np.ndarray, pos: np.ndarray, seqlens_k: np.ndarray, rows: slice) -> np.ndarray:
+        """One call on buffer rows `rows`; `seqlens_k` (n,) is each row's last cache index after it."""
+        binding = self.sess.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", seqlens_k.astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
+        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        views = [ort.OrtValue.ortvalue_from_numpy(buf[rows]) for buf in self.bufs]  # no copy: numpy memory
+        for past, present, view in zip(self.past_names, self.present_names, views, strict=True):
+            binding.bind_ortvalue_input(past, view)
+            binding.bind_ortvalue_output(present, view)
+        self.sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _check_room(self, lengths: np.ndarray) -> None:
+        if lengths.size and int(lengths.max()) > self.info.n_positions:
+            raise ValueError(f"a sequence would exceed the context of {self.info.n_positions} tokens")
+
+    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        lengths = np.asarray([len(p) for p in prompts], np.int64)
+        self._check_room(lengths)
+        n, k, T = self.num_rows, len(prompts), int(lengths.max())
+        self._grow(n + k)
+        ids = np.zeros((k, T), np.int64)  # right-padded: each row's tokens start at cache index 0
+        pos = np.zeros((k, T), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = p
+            pos[b, :len(p)] = np.arange(len(p))
+        logits = self._run(ids, pos, lengths - 1, slice(n, n + k))
+        self.lengths = np.concatenate([self.lengths, lengths])
+        return logits
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        if len(tokens) != self.num_rows:
+            raise ValueError(f"step got {len(tokens)} tokens for {self.num_rows} rows")
+        self._check_room(self.lengths + 1)
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        logits = self._run(ids, self.lengths.reshape(-1, 1), self.lengths, slice(0, self.num_rows))
+        self.lengths = self.lengths + 1
+        return logits
+
+    def drop(self, rows: Sequence[int]) -> np.ndarray:
+        n = self.num_rows
+        dead = np.zeros(n, bool)
+        dead[np.asarray(rows, dtype=np.int64)] = True
+        order = np.arange(n)
+        keep = int((~dead).sum())
+        holes = np.flatnonzero(dead[:keep])  # dropped rows inside the new batch...
+        movers = np.flatnonzero(~dead[keep:]) + keep  # ...filled by kept rows from beyond it
+        for hole, mover in zip(holes, movers, strict=True):
+            width = int(self.lengths[mover])
+            for buf in self.bufs:
+                buf[hole, :, :width] = buf[mover, :, :width]
+            order[hole] = mover
+        order = order[:keep]
+        self.lengths = self.lengths[order]
+        return order
+
+    def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+        chunk = pending.prompt[pending.done:pending.done + max(1, n_tokens)]
+        end = pending.done + len(chunk)
+        self._check_room(np.asarray([end]))
+        scratch = slice(self.capacity, self.capacity + 1)
+        logits = self._run(np.asarray([chunk], np.int64), np.arange(pending.done, end)[None],
+                           np.asarray([end - 1]), scratch)
+        pending.done = end
+        if pending.remaining:
+            return None
+        n = self.num_rows
+        self._grow(n + 1)
+        for buf in self.bufs:
+            buf[n, :, :end] = buf[self.capacity, :, :end]
+        self.lengths = np.concatenate([self.lengths, [end]])
+        return logits
 
 
 class OrtClassificationRunner(ClassificationRunner):

@@ -1,14 +1,21 @@
 """The runner interface: a running batch of sequences whose KV cache lives inside the runner.
 
-    add(prompts)   prefill new rows (left-padded among themselves) and append them to the batch
-    step(tokens)   one decode step for every row; returns last-position logits (B, V)
-    drop(rows)     remove rows (finished or cancelled) at once
-Logits come back as numpy float32 (sampling runs on the host); ids and masks go in as numpy
-int64. The KV cache never leaves the runner's device.
+    add(prompts)          prefill new rows together and append them to the batch
+    step(tokens)          one decode step for every row; returns last-position logits (B, V)
+    drop(rows)            remove rows (finished or cancelled) at once; returns the new row order
+    start_prefill(prompt) / advance(pending, n) / abort(pending)
+                          prefill one prompt a chunk at a time, between decode steps; the row
+                          joins the batch (as its last row) when its last chunk is done
+Logits come back as numpy float32 (sampling runs on the host); ids go in as numpy int64. The KV
+cache never leaves the runner's device.
 
-The batch bookkeeping is shared: rows are left-padded to a common past length P; each row keeps
-its own next position id, so padding never shifts positions. After drops, leading columns that
-are padding for every row are trimmed. Backends implement the forward pass and five KV moves.
+Two bookkeeping schemes implement it:
+- `PaddedRunner` (PyTorch, and ONNX graphs with the standard past/present signature): rows are
+  left-padded to a common past length P, each row keeps its own next position id, so padding
+  never shifts positions; a step concatenates one column onto every cache. Backends implement
+  the forward pass and four KV moves.
+- `app.engine.ort_runner.OrtSlotRunner` (ONNX graphs with GroupQueryAttention): fixed-size KV
+  buffers, one row per sequence, written in place; no padding and no copies per step.
 """
 
 from __future__ import annotations
@@ -47,11 +54,66 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray
     return ids, mask
 
 
+@dataclass
+class PendingPrefill:
+    """A prompt being prefilled a chunk at a time; `state` belongs to the runner."""
+
+    prompt: list[int]
+    done: int = 0  # tokens already in the cache
+    state: Any = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.done
+
+
 class GenerationRunner(ABC):
     """A KV-cached batch of sequences on one backend and device."""
 
     backend: str = "?"
     device: str = "cpu"
+    info: ModelInfo
+
+    @property
+    @abstractmethod
+    def num_rows(self) -> int: ...
+
+    @abstractmethod
+    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefill `prompts` and append them as new rows; returns their next-token logits (n, V)."""
+
+    @abstractmethod
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed one token per row; returns next-token logits (B, V)."""
+
+    @abstractmethod
+    def drop(self, rows: Sequence[int]) -> np.ndarray:
+        """Remove rows by index (indices refer to the batch before the call). Returns, for each
+        remaining row in its new place, its index before the call (the order may change)."""
+
+    def start_prefill(self, prompt: Sequence[int]) -> PendingPrefill:
+        if not len(prompt):
+            raise ValueError("every prompt needs at least one token")
+        return PendingPrefill(list(prompt))
+
+    @abstractmethod
+    def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+        """Prefill up to `n_tokens` more of `pending`'s prompt. When that finishes it, the row is
+        appended to the batch and its next-token logits (1, V) are returned; else None."""
+
+    def abort(self, pending: PendingPrefill) -> None:  # noqa: B027 - optional hook
+        """Forget a pending prefill (cancelled)."""
+        pending.state = None
+
+    def reset(self) -> None:
+        self.drop(list(range(self.num_rows)))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device resources (sessions, memory)."""
+
+
+class PaddedRunner(GenerationRunner):
+    """Left-padded batch bookkeeping over a backend's forward pass and KV moves."""
 
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
@@ -86,13 +148,29 @@ class GenerationRunner(ABC):
 
     # ---- the batch ---------------------------------------------------------------------------
     def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """Prefill `prompts` and append them as new rows; returns their next-token logits (n, V)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         ids, mask = left_pad(prompts)
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
         logits, kv = self._forward(ids, mask, pos, None)
-        next_pos = mask.sum(-1)
+        self._merge(kv, mask, mask.sum(-1))
+        return logits
+
+    def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+        chunk = pending.prompt[pending.done:pending.done + max(1, n_tokens)]
+        end = pending.done + len(chunk)
+        ids = np.asarray([chunk], dtype=np.int64)
+        pos = np.arange(pending.done, end, dtype=np.int64)[None]
+        logits, kv = self._forward(ids, np.ones((1, end), np.int64), pos, pending.state)
+        pending.state, pending.done = kv, end
+        if pending.remaining:
+            return None
+        pending.state = None
+        self._merge(kv, np.ones((1, end), np.int64), np.asarray([end], np.int64))
+        return logits
+
+    def _merge(self, kv: KV, mask: np.ndarray, next_pos: np.ndarray) -> None:
+        """Append rows (their KV, (n, T) mask and next positions) to the batch."""
         if self.kv is None or self.num_rows == 0:
             self.kv, self.mask, self.next_pos = kv, mask, next_pos
         else:
@@ -106,10 +184,8 @@ class GenerationRunner(ABC):
             self.kv = self._kv_cat_rows(old_kv, new_kv)
             self.mask = np.concatenate([_pad_cols(self.mask, width), _pad_cols(mask, width)])
             self.next_pos = np.concatenate([self.next_pos, next_pos])
-        return logits
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
-        """Feed one token per row; returns next-token logits (B, V)."""
         if len(tokens) != self.num_rows:
             raise ValueError(f"step got {len(tokens)} tokens for {self.num_rows} rows")
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
@@ -118,14 +194,13 @@ class GenerationRunner(ABC):
         self.mask, self.next_pos = mask, self.next_pos + 1
         return logits
 
-    def drop(self, rows: Sequence[int]) -> None:
-        """Remove rows by index (indices refer to the batch before the call)."""
-        if not len(rows):
-            return
+    def drop(self, rows: Sequence[int]) -> np.ndarray:
         keep = np.setdiff1d(np.arange(self.num_rows), np.asarray(rows, dtype=np.int64))
+        if not len(rows):
+            return keep
         if keep.size == 0:
             self.kv, self.mask, self.next_pos = None, np.zeros((0, 0), np.int64), np.zeros((0,), np.int64)
-            return
+            return keep
         self.kv = self._kv_take_rows(self.kv, keep)
         self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
         # Columns that are padding for every remaining row carry nothing: cut them.
@@ -133,12 +208,7 @@ class GenerationRunner(ABC):
         if lead:
             self.kv = self._kv_drop_cols(self.kv, lead)
             self.mask = self.mask[:, lead:]
-
-    def reset(self) -> None:
-        self.drop(list(range(self.num_rows)))
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release device resources (sessions, memory)."""
+        return keep
 
 
 def _pad_cols(mask: np.ndarray, width: int) -> np.ndarray:

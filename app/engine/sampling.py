@@ -74,15 +74,33 @@ def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
 
 def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     """transformers' TopPLogitsWarper: drop the tail whose cumulative probability is <= 1 - p,
-    always keeping the most likely token."""
+    always keeping the most likely token.
+
+    Equivalently, keep the tokens whose more-likely tokens sum to < p. No argsort of V: when the
+    top 256 (one partition) already sum to >= p, every kept token is among them and only they are
+    sorted; a flat distribution instead gets one value sort, which gives the probability of the
+    last kept token. Ties are ordered as transformers' stable ascending sort orders them (the
+    higher index counts as more likely).
+    """
     if p >= 1.0:
         return logits
-    order = np.argsort(logits, kind="stable")  # ascending, like transformers
-    probs = _softmax(logits[order])
-    remove = np.cumsum(probs) <= (1.0 - p)
-    remove[-1] = False
-    out = logits.copy()
-    out[order[remove]] = -np.inf
+    probs = _softmax(logits.astype(np.float64))
+    V = logits.shape[-1]
+    k = min(256, V)
+    cand = np.argpartition(-logits, k - 1)[:k] if k < V else np.arange(V)
+    if probs[cand].sum() >= p:
+        cand = cand[np.lexsort((-cand, -logits[cand]))]  # most likely first
+        ranked = probs[cand]
+        keep = cand[np.cumsum(ranked) - ranked < p]
+    else:
+        ranked = np.sort(probs)[::-1]
+        n_keep = int((np.cumsum(ranked) - ranked < p).sum())
+        last = ranked[n_keep - 1]
+        above = np.flatnonzero(probs > last)
+        ties = np.flatnonzero(probs == last)  # ascending index: the kept ones are at the end
+        keep = np.concatenate([above, ties[ties.size - (n_keep - above.size):]])
+    out = np.full_like(logits, -np.inf)
+    out[keep] = logits[keep]
     return out
 
 
@@ -111,10 +129,10 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int], rng: np.r
     if params.top_p not in (None, 1.0):
         scores = top_p_mask(scores, params.top_p)
     probs = _softmax(scores)
+    kept = np.flatnonzero(probs)  # after top-k / top-p usually a few tokens, not V
     # One float64 running sum for both the scale and the search, so the draw can never land
     # past the last kept token (a float32 cumsum and a pairwise sum differ by ~1e-5).
-    cdf = np.cumsum(probs, dtype=np.float64)
-    token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    if token >= probs.shape[-1]:  # u * total == total exactly: take the last kept token
-        token = int(np.flatnonzero(probs)[-1])
+    cdf = np.cumsum(probs[kept], dtype=np.float64)
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    token = int(kept[min(i, kept.size - 1)])  # u * total == total exactly: the last kept token
     return token, float(logprobs[token])

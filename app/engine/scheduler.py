@@ -4,8 +4,12 @@ Each iteration of the worker:
   1. drops rows whose request was cancelled or failed,
   2. runs pending classification batches,
   3. admits queued generation requests in FIFO order while the batch has room (`max_batch_size`
-     rows and a budget of prompt + max_new_tokens tokens) and prefills them together,
-  4. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
+     rows and a budget of prompt + max_new_tokens tokens),
+  4. prefills admitted prompts: while other rows are decoding, at most `prefill_chunk_tokens`
+     prompt tokens per iteration, so a long prompt is prefilled a chunk per iteration between
+     decode steps instead of stalling every running stream; with nothing decoding, up to
+     `max_batch_prefill_tokens` (rows x longest prompt) in one call,
+  5. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
 New requests therefore join between decode steps and finished ones leave at once. Events reach
 each request's asyncio queue through `loop.call_soon_threadsafe`; the event loop never runs a
 model step.
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.runner import ClassificationRunner, GenerationRunner
+from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill
 from app.engine.sampling import Sampler, SamplingParams
 from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
 
@@ -132,7 +136,8 @@ class Scheduler:
     def __init__(self, runner: GenerationRunner | None, tokenizer: GPT2Tokenizer | None,
                  classifier: ClassificationRunner | None = None, max_batch_size: int = 8,
                  max_batch_total_tokens: int = 16384, eos_token_id: int | None = None,
-                 on_step: Callable[[dict[str, float]], None] | None = None) -> None:
+                 on_step: Callable[[dict[str, float]], None] | None = None, prefill_chunk_tokens: int = 64,
+                 max_batch_prefill_tokens: int = 4096) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.classifier = classifier
@@ -141,7 +146,11 @@ class Scheduler:
         self.eos_id = eos_token_id
         self.on_step = on_step
         self.context_limit = runner.info.n_positions if runner else 0
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self.max_batch_prefill_tokens = max(1, max_batch_prefill_tokens)
         self._queue: deque[_Seq] = deque()
+        self._prefilling: deque[_Seq] = deque()  # admitted, prompt not yet in the cache
+        self._chunked: tuple[_Seq, PendingPrefill] | None = None  # the prompt being prefilled in chunks
         self._classify: deque[_Classify] = deque()
         self._active: list[_Seq] = []
         self._cond = threading.Condition()
@@ -160,7 +169,8 @@ class Scheduler:
 
     @property
     def queue_size(self) -> int:
-        return len(self._queue)
+        """Requests waiting for their first token (queued or being prefilled)."""
+        return len(self._queue) + len(self._prefilling) + (self._chunked is not None)
 
     @property
     def batch_size(self) -> int:
@@ -206,12 +216,13 @@ class Scheduler:
                     self._generation_step()
             except Exception as e:  # a failed step fails its requests, never the worker
                 logger.exception("engine step failed")
-                for s in self._active:
+                for s in self._active + ([self._chunked[0]] if self._chunked else []):
                     s.fail(e)
-                self._active = []
+                self._active, self._chunked = [], None
                 if self.runner is not None:
                     self.runner.reset()
-        for s in self._active + list(self._queue):
+        waiting = [self._chunked[0]] if self._chunked else []
+        for s in self._active + waiting + list(self._prefilling) + list(self._queue):
             s.fail(RuntimeError("engine stopped"))
 
     def _drop(self, pred: Callable[[_Seq], bool]) -> None:
@@ -219,21 +230,23 @@ class Scheduler:
         dead = [pred(s) for s in self._active]
         rows = [i for i, d in enumerate(dead) if d]
         if rows:
-            self.runner.drop(rows)
-            self._active = [s for s, d in zip(self._active, dead, strict=True) if not d]
+            order = self.runner.drop(rows)  # the runner may reorder the rows it keeps
+            self._active = [self._active[i] for i in order]
 
     def _admit(self) -> list[_Seq]:
-        used = sum(s.budget for s in self._active)
+        waiting = list(self._prefilling) + ([self._chunked[0]] if self._chunked else [])
+        used = sum(s.budget for s in self._active + waiting)
+        busy = len(self._active) + len(waiting)
         admitted: list[_Seq] = []
         with self._cond:
-            while self._queue and len(self._active) + len(admitted) < self.max_batch_size:
+            while self._queue and busy + len(admitted) < self.max_batch_size:
                 head = self._queue[0]
                 if head.cancelled:
                     self._queue.popleft()
                     continue
                 # FIFO: when the head does not fit the token budget, nobody overtakes it
                 # (unless the batch is empty: a request alone always runs).
-                if used + head.budget > self.max_batch_total_tokens and (self._active or admitted):
+                if used + head.budget > self.max_batch_total_tokens and (busy or admitted):
                     break
                 admitted.append(self._queue.popleft())
                 used += head.budget
@@ -241,26 +254,75 @@ class Scheduler:
 
     def _generation_step(self) -> None:
         t0 = time.perf_counter()
-        new = self._admit()
-        if new:
-            try:
-                logits = self.runner.add([s.req.prompt_ids for s in new])
-            except Exception as e:  # they are in neither the queue nor the batch: fail them here
-                for s in new:
-                    s.fail(e)
-                raise
-            self._active.extend(new)
-            for s, row in zip(new, logits, strict=True):
-                s.accept(row, self.context_limit)
-            self._drop(lambda s: s.finished or s.cancelled)
+        self._prefilling.extend(self._admit())
+        new = self._prefill()
         if self._active:
             logits = self.runner.step([s.last_token for s in self._active])
             for s, row in zip(self._active, logits, strict=True):
                 s.accept(row, self.context_limit)
             self._drop(lambda s: s.finished or s.cancelled)
         if self.on_step:
-            self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": len(new),
-                          "queue": len(self._queue)})
+            self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": new,
+                          "queue": self.queue_size})
+
+    def _prefill(self) -> int:
+        """Put waiting prompts into the cache within this iteration's token limit; returns how
+        many rows joined the batch."""
+        limit = self.prefill_chunk_tokens if self._active else self.max_batch_prefill_tokens
+        if self._chunked is None:
+            group = self._take_group(limit)
+            if group:
+                logits = self._guarded(group, lambda: self.runner.add([s.req.prompt_ids for s in group]))
+                return self._join(group, logits)
+        if self._chunked is None:
+            return 0
+        seq, pending = self._chunked
+        if seq.cancelled:
+            self.runner.abort(pending)
+            self._chunked = None
+            return 0
+        logits = self._guarded([seq], lambda: self.runner.advance(pending, limit))
+        if logits is None:
+            return 0
+        self._chunked = None
+        return self._join([seq], logits)
+
+    def _take_group(self, limit: int) -> list[_Seq]:
+        """Waiting prompts to prefill together in one call of at most `limit` padded tokens. A
+        prompt over the limit on its own becomes the chunked prefill instead."""
+        group: list[_Seq] = []
+        longest = 0
+        while self._prefilling:
+            head = self._prefilling[0]
+            if head.cancelled:
+                self._prefilling.popleft()
+                continue
+            n = len(head.req.prompt_ids)
+            if (len(group) + 1) * max(longest, n) > limit:
+                if not group:
+                    self._prefilling.popleft()
+                    self._chunked = (head, self.runner.start_prefill(head.req.prompt_ids))
+                break
+            group.append(self._prefilling.popleft())
+            longest = max(longest, n)
+        return group
+
+    def _guarded(self, seqs: list[_Seq], call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as e:  # they are in neither the queue nor the batch: fail them here
+            for s in seqs:
+                s.fail(e)
+            self._chunked = None
+            raise
+
+    def _join(self, seqs: list[_Seq], logits: np.ndarray) -> int:
+        """Rows just appended to the runner's batch: emit their first tokens."""
+        self._active.extend(seqs)
+        for s, row in zip(seqs, logits, strict=True):
+            s.accept(row, self.context_limit)
+        self._drop(lambda s: s.finished or s.cancelled)
+        return len(seqs)
 
     def _run_classify(self, jobs: Sequence[_Classify]) -> None:
         flat = [p for j in jobs for p in j.prompts]

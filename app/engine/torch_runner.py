@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.engine.runner import KV, ClassificationRunner, GenerationRunner, ModelInfo, left_pad
+from app.engine.runner import KV, ClassificationRunner, ModelInfo, PaddedRunner, left_pad
 from model import load_pretrained
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def _load(checkpoint: str | Path, device: str, precision: str, num_threads: int 
     return load_pretrained(checkpoint, dtype=dtype, device=device)
 
 
-class TorchGenerationRunner(GenerationRunner):
+class TorchGenerationRunner(PaddedRunner):
     backend = "torch"
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32",

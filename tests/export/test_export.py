@@ -169,6 +169,38 @@ def test_classifier_graph_parity(tmp_path, tiny_classifier_dir, task) -> None:
     np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_gqa_graph_has_one_group_query_attention_per_layer_and_parity(tmp_path, precision) -> None:
+    ckpt = make_hf_checkpoint(tmp_path / "ckpt", "generate", seed=3, vocab_size=1000, **CONFIGS["1L-3H"] | {
+        "n_layer": 2})
+    manifest = export_checkpoint(ckpt, tmp_path / "out", "generate", precision=precision, attention="gqa")
+    proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    counts = op_counts(proto)
+    assert counts["GroupQueryAttention"] == 2 and manifest["fused_ops"]["GroupQueryAttention"] == 2
+    # The attention is the contrib node: no Softmax, and no Concat growing the cache.
+    assert counts["Softmax"] == 0 and counts["SkipLayerNormalization"] == 5
+    assert manifest["attention"] == "gqa"
+    names = [i.name for i in proto.graph.input]
+    assert names[:4] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
+    assert "attention_mask" not in names
+    par = manifest["parity"]
+    assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR[precision]
+    # right-padded batch (8 decode steps), batch 1 (2), chunked prompt (1): 8*9 + 3 + 2 positions
+    assert par["top1_positions"] == 8 * 9 + 3 + 2
+    if precision == "fp32":
+        assert par["max_logit_error"] < 1e-4
+
+
+def test_check_fusion_wants_one_gqa_node_per_layer(tmp_path, tiny_lm_dir) -> None:
+    export_checkpoint(tiny_lm_dir, tmp_path, "generate", verify_parity=False, attention="gqa")
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert check_fusion(proto, 2, "gqa")["GroupQueryAttention"] == 2
+    with pytest.raises(FusionError, match="2 GroupQueryAttention nodes, expected 3"):
+        check_fusion(proto, 3, "gqa")
+    with pytest.raises(ExportError, match="unknown attention 'flash'"):
+        export_checkpoint(tiny_lm_dir, tmp_path / "x", "generate", attention="flash")
+
+
 def test_fp16_runs_on_cpu_and_agrees(tmp_path, tiny_lm_dir) -> None:
     manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="fp16")
     sess = _session(tmp_path / "model.onnx")

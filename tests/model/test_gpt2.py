@@ -21,6 +21,7 @@ from model.gpt2 import (
     FusedAddLayerNorm,
     GPT2Config,
     GPT2ForSequenceClassification,
+    KVSlots,
 )
 from tests.conftest import make_hf_checkpoint
 from tests.model.conftest import max_diff
@@ -236,6 +237,41 @@ def test_cached_decoding_equals_full_forward(lm_pair, prefill: int, padded: bool
     cached = torch.cat(steps, dim=1)
     real = mask.bool()
     assert max_diff(cached[real], full[real]) < ATOL
+
+
+def _slots(last: list[int], total: int) -> KVSlots:
+    return KVSlots(torch.tensor(last, dtype=torch.int32), torch.tensor(total, dtype=torch.int32))
+
+
+@torch.no_grad()
+def test_slot_attention_matches_hf_for_right_padded_prompts_decode_and_chunks(small_lm) -> None:
+    """The shared-buffer semantics the GQA graph has (KVSlots): right-padded first prompts of
+    different lengths, decode steps at per-row cache indices, and a prompt in two chunks, all
+    equal to transformers on each row's unpadded sequence."""
+    ours, hf = small_lm
+    cfg = ours.config
+    M, lengths = 24, [5, 9, 1]
+    ids, mask = right_padded(lengths, cfg.vocab_size, pad=0, seed=5)
+    pos = torch.where(mask.bool(), torch.arange(ids.shape[1]), 0)
+    bufs = tuple((torch.full((3, cfg.n_head, M, cfg.head_dim), 7.0),) * 2 for _ in range(cfg.n_layer))  # garbage
+    out = ours(ids, None, pos, bufs, last_only=True, slots=_slots([n - 1 for n in lengths], ids.shape[1]))
+    seqs = [ids[b, :n].tolist() for b, n in enumerate(lengths)]
+    for step in range(4):
+        for b, seq in enumerate(seqs):
+            ref = hf(torch.tensor([seq])).logits[0, -1]
+            assert max_diff(out.logits[b], ref) < ATOL, (step, b)
+        nxt = out.logits.argmax(-1)
+        cur = torch.tensor([len(s) for s in seqs])
+        out = ours(nxt[:, None], None, cur[:, None], out.past_key_values, last_only=True,
+                   slots=_slots(cur.tolist(), int(cur.max()) + 1))
+        for b, seq in enumerate(seqs):
+            seq.append(int(nxt[b]))
+    row = seqs[1]
+    one = tuple((torch.zeros(1, cfg.n_head, M, cfg.head_dim),) * 2 for _ in range(cfg.n_layer))
+    first = ours(torch.tensor([row[:4]]), None, torch.arange(4)[None], one, last_only=True, slots=_slots([3], 4))
+    rest = ours(torch.tensor([row[4:]]), None, torch.arange(4, len(row))[None], first.past_key_values,
+                last_only=True, slots=_slots([len(row) - 1], len(row)))
+    assert max_diff(rest.logits[0], hf(torch.tensor([row])).logits[0, -1]) < ATOL
 
 
 @torch.no_grad()

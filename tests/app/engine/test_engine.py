@@ -218,21 +218,17 @@ def test_info_reports_backend_and_device(engine, request) -> None:
 
 def test_runner_failure_fails_its_requests_and_the_engine_keeps_serving(engine) -> None:
     runner = engine.generation.runner
-    original = runner._forward
-    calls = {"n": 0}
+    original = runner.step
 
-    def broken(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated device fault")
-        return original(*args, **kwargs)
+    def broken(*args, **kwargs):  # the prefill works, the first decode step fails
+        raise RuntimeError("simulated device fault")
 
-    runner._forward = broken
+    runner.step = broken
     try:
         with pytest.raises(RuntimeError, match="simulated device fault"):
             run(engine.generate(engine.prepare(PROMPTS[0], 5)))
     finally:
-        runner._forward = original
+        runner.step = original
     assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
 
 
@@ -314,3 +310,40 @@ def test_engine_path_of_onnxruntime_does_not_import_torch(tmp_path, tiny_lm_dir)
     second = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert second.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(backend, tiny_lm_dir, onnx_cache, hf_lm) -> None:
+    """PREFILL_CHUNK_TOKENS=4: a ~40-token prompt arriving while a stream decodes is prefilled
+    4 tokens per iteration, and the running stream gets a token every iteration meanwhile."""
+    eng = Engine.load(tiny_lm_dir, None, backend=backend, cache_dir=onnx_cache, max_batch_size=8,
+                      prefill_chunk_tokens=4)
+    eng.start()
+    long_text = " ".join(f"w{i}" for i in range(20))
+    n_long = len(eng.tokenizer.encode(long_text))
+    order: list[str] = []
+    tokens: dict[str, list[int]] = {"short": [], "long": []}
+
+    async def stream(name: str, req) -> None:
+        async for ev in eng.generate_stream(req):
+            order.append(name)
+            tokens[name].append(ev.token.id)
+
+    async def go() -> int:
+        short = asyncio.create_task(stream("short", eng.prepare(PROMPTS[0], 60)))
+        while "short" not in order:
+            await asyncio.sleep(0.001)
+        mark = len(order)
+        await asyncio.gather(stream("long", eng.prepare(long_text, 3)), short)
+        return mark
+
+    try:
+        mark = run(go())
+    finally:
+        eng.stop()
+    assert n_long > 30
+    first_long = order.index("long")
+    # ceil(n_long / 4) prefill iterations, each followed by a decode step of the short stream
+    assert order[mark:first_long].count("short") >= n_long // 4 - 1
+    assert tokens["short"] == hf_greedy(hf_lm, eng.tokenizer.encode(PROMPTS[0]), 60)
+    assert tokens["long"] == hf_greedy(hf_lm, eng.tokenizer.encode(long_text), 3)

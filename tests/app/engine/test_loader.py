@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from app.engine import loader
-from app.engine.ort_runner import GraphContractError, OrtGenerationRunner
+from app.engine.ort_runner import GraphContractError, OrtGenerationRunner, OrtSlotRunner
 from export.manifest import file_sha256, read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -95,8 +95,12 @@ def test_runner_fails_fast_on_a_graph_missing_an_output(cache, tiny_lm_dir, tmp_
     out = next(o for o in proto.graph.output if o.name == "present.1.value")
     proto.graph.output.remove(out)
     onnx.save(proto, str(tmp_path / "m.onnx"))
+    assert lo.attention == "gqa"  # CPU serves the shared-buffer graph
     with pytest.raises(GraphContractError, match="missing output present.1.value"):
-        OrtGenerationRunner(tmp_path / "m.onnx")
+        OrtSlotRunner(tmp_path / "m.onnx")
+    # The standard-signature runner names what the GQA graph lacks for it.
+    with pytest.raises(GraphContractError, match="missing input attention_mask"):
+        OrtGenerationRunner(lo.onnx_path)
 
 
 def test_two_processes_starting_at_once_share_one_sound_export(tmp_path, tiny_lm_dir) -> None:

@@ -51,6 +51,18 @@ def test_top_p_matches_transformers(logits, p) -> None:
     assert np.array_equal(np.isinf(ours), np.isinf(ref))
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 12.0], ids=["flat", "normal", "peaked"])
+@pytest.mark.parametrize("p", [0.3, 0.9, 0.999])
+def test_top_p_matches_transformers_flat_peaked_and_tied(scale, p) -> None:
+    """Both paths (the 256-candidate partition for peaked distributions, the value sort for
+    flat ones) and ties, which transformers' stable ascending sort breaks by index."""
+    z = np.random.default_rng(1).normal(0, scale, size=V).astype(np.float32)
+    z[:300] = z[300]  # 301 equal logits
+    z[-5:] = z.max()  # a tie at the top
+    ref = TopPLogitsWarper(p)(None, torch.from_numpy(z[None].copy()))[0].numpy()
+    assert np.array_equal(np.isinf(top_p_mask(z, p)), np.isinf(ref))
+
+
 def test_temperature_then_top_k_top_p_chain_matches_transformers(logits) -> None:
     t = torch.from_numpy(logits[None].copy())
     for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)):

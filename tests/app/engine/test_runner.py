@@ -1,0 +1,134 @@
+"""The runners below the scheduler: the shared-buffer GQA runner against the left-padded ones
+(ONNX Runtime standard graph, PyTorch) and transformers, through the same script of joins,
+steps, drops and chunked prefills."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from app.engine.ort_runner import OrtGenerationRunner, OrtSlotRunner
+from app.engine.runner import GenerationRunner
+from app.engine.torch_runner import TorchGenerationRunner
+from export.pipeline import export_checkpoint
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_lm_dir, tmp_path_factory):
+    out = {}
+    for attention in ("gqa", "standard"):
+        folder = tmp_path_factory.mktemp(f"runner-{attention}")
+        export_checkpoint(tiny_lm_dir, folder, "generate", verify_parity=False, attention=attention)
+        out[attention] = folder / "model.onnx"
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_lm_dir):
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
+
+
+def make_runner(kind: str, graphs, tiny_lm_dir) -> GenerationRunner:
+    if kind == "gqa":
+        return OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=1)  # grows during the script
+    if kind == "standard":
+        return OrtGenerationRunner(graphs["standard"], n_positions=128)
+    return TorchGenerationRunner(tiny_lm_dir)
+
+
+@torch.no_grad()
+def next_logits(hf, seq: list[int]) -> np.ndarray:
+    return hf(torch.tensor([seq])).logits[0, -1].numpy()
+
+
+def run_script(runner: GenerationRunner, hf) -> list[list[int]]:
+    """Joins, steps, a drop in the middle, a chunked prefill and a late join; every logit row
+    is checked against transformers on that row's whole sequence. Returns the sequences."""
+    rng = np.random.default_rng(1)
+    rows: list[list[int]] = []  # rows[r] is the sequence in runner row r
+
+    def accept(logits: np.ndarray, seqs: list[list[int]]) -> None:
+        assert logits.shape == (len(seqs), hf.config.vocab_size)
+        for row, seq in zip(logits, seqs, strict=True):
+            np.testing.assert_allclose(row, next_logits(hf, seq), atol=1e-4)
+            seq.append(int(row.argmax()))
+
+    def step(n: int) -> None:
+        for _ in range(n):
+            accept(runner.step([s[-1] for s in rows]), rows)
+
+    def drop(*seqs: list[int]) -> None:  # by sequence, whatever row the runner moved it to
+        order = runner.drop([next(i for i, r in enumerate(rows) if r is s) for s in seqs])
+        rows[:] = [rows[i] for i in order]
+
+    first = [rng.integers(0, 1000, n).tolist() for n in (3, 11, 6, 1)]
+    accept(runner.add(first), first)
+    rows.extend(first)
+    step(3)
+    drop(first[0], first[2])
+    assert runner.num_rows == 2
+    step(2)
+    long = rng.integers(0, 1000, 23).tolist()
+    pending = runner.start_prefill(long)
+    for _ in range(10):  # 5-token chunks, decode steps of the others in between
+        logits = runner.advance(pending, 5)
+        if logits is not None:
+            break
+        assert pending.remaining > 0 and runner.num_rows == 2
+        step(1)
+    assert pending.remaining == 0 and runner.num_rows == 3
+    accept(logits, [long])
+    rows.append(long)
+    late = [[5, 6], [7] * 9]
+    accept(runner.add(late), late)
+    rows.extend(late)
+    step(4)
+    drop(first[1])
+    step(2)
+    runner.reset()
+    assert runner.num_rows == 0
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "standard", "torch"])
+def test_runner_script_matches_transformers(kind, graphs, tiny_lm_dir, hf) -> None:
+    run_script(make_runner(kind, graphs, tiny_lm_dir), hf)
+
+
+def test_all_runners_produce_the_same_sequences(graphs, tiny_lm_dir, hf) -> None:
+    got = {k: run_script(make_runner(k, graphs, tiny_lm_dir), hf) for k in ("gqa", "standard", "torch")}
+    assert got["gqa"] == got["standard"] == got["torch"]
+
+
+def test_gqa_step_writes_the_cache_in_place(graphs) -> None:
+    r = OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=4)
+    r.add([[1, 2, 3], [4, 5]])
+    bufs = list(r.bufs)
+    key0 = bufs[0]
+    before = key0[:2].copy()
+    r.step([7, 8])
+    assert all(a is b for a, b in zip(r.bufs, bufs, strict=True))  # same memory: no new cache per step
+    changed = np.argwhere(np.any(key0[:2] != before, axis=(1, 3)))  # (row, position) pairs written
+    assert sorted(map(tuple, changed[:, [0, 1]].tolist())) == sorted({(0, 3), (1, 2)})
+    np.testing.assert_array_equal(r.lengths, [4, 3])
+
+
+def test_gqa_drop_moves_tail_rows_into_holes_and_reports_the_order(graphs) -> None:
+    r = OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=4)
+    r.add([[1] * 2, [2] * 3, [3] * 4, [4] * 5])
+    kept_row3 = r.bufs[0][3, :, :5].copy()
+    order = r.drop([0])
+    assert order.tolist() == [3, 1, 2]  # the last row fills the hole; the others stay put
+    np.testing.assert_array_equal(r.lengths, [5, 3, 4])
+    np.testing.assert_array_equal(r.bufs[0][0, :, :5], kept_row3)
+    assert r.drop([]).tolist() == [0, 1, 2]
+    assert r.drop([0, 1, 2]).tolist() == [] and r.num_rows == 0
+
+
+def test_gqa_rejects_a_sequence_past_the_context(graphs) -> None:
+    r = OrtSlotRunner(graphs["gqa"], n_positions=8)
+    r.add([[1] * 8])
+    with pytest.raises(ValueError, match="exceed the context of 8 tokens"):
+        r.step([1])
