@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server
+.PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server bench-levers bench-targets \
+	bench-single bench-concurrency bench-ttft bench-startup
 
 install: $(VENV)/.installed
 
@@ -48,3 +49,14 @@ bench-export: install bench-venv
 bench-server: install
 	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
 	$(BIN)/python -m bench.server_bench
+
+# Issue 7: each lever alone (engine level), and each target through HTTP against transformers.
+bench-levers: install
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
+	$(BIN)/python -m bench.levers
+
+bench-single bench-concurrency bench-ttft bench-startup: install
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
+	$(BIN)/python -m bench.targets $(subst bench-,,$@) --update-md
+
+bench-targets: bench-single bench-concurrency bench-ttft bench-startup

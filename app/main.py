@@ -45,7 +45,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         cache_dir=s.onnx_cache_dir, num_threads=s.num_threads, max_batch_size=s.max_batch_size,
         max_batch_total_tokens=s.max_batch_total_tokens, max_input_tokens=s.max_input_tokens,
         max_total_tokens=s.max_total_tokens, cancel=cancel, prefill_chunk_tokens=s.prefill_chunk_tokens,
-        max_batch_prefill_tokens=s.max_batch_prefill_tokens,
+        max_batch_prefill_tokens=s.max_batch_prefill_tokens, waiting_served_ratio=s.waiting_served_ratio,
     )
     engine.start()
     return engine

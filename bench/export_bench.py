@@ -6,6 +6,9 @@ Systems, all on the same random weights (transformers' `GPT2Config()`, seed 0, n
   ours-onnx-fused       our export: SkipLayerNormalization + FastGelu (ONNX Runtime, CPU EP)
   ours-onnx-unfused     the same export with plain Add + LayerNormalization and decomposed GELU
   ours-onnx-fused-int8  the fused export, int8 dynamic quantization of the MatMul weights
+  ours-onnx-gqa         the export CPU serving uses: fused + GroupQueryAttention, run through the
+                        serving runner (OrtSlotRunner: shared KV buffers written in place, IO binding)
+  ours-onnx-gqa-int8    the same, int8 MatMul weights
   ours-torch            our PyTorch GPT-2 (eager, KV cache)
   transformers          GPT2LMHeadModel forward with its KV cache (the loop `generate` runs)
   optimum               Optimum's ORTModelForCausalLM export (run in its own venv, see bench/README.md)
@@ -80,6 +83,22 @@ class OrtGraph:
         mask, last_pos, kv = state
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
         return self._run(next_ids, mask, last_pos + 1, kv)
+
+
+class SlotGraph:
+    """The GQA graph through the serving runner: shared KV buffers, IO binding over numpy."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from app.engine.ort_runner import OrtSlotRunner
+
+        self.runner = OrtSlotRunner(path, "cpu", threads, n_positions=1024)
+
+    def prefill(self, ids: np.ndarray):
+        self.runner.reset()
+        return self.runner.add(ids.tolist()), None
+
+    def step(self, state, next_ids: np.ndarray):
+        return self.runner.step(next_ids[:, 0].tolist()), state
 
 
 class TorchOurs:
@@ -203,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each workload within a round")
     p.add_argument("--rounds", type=int, default=3, help="passes over all systems; medians across rounds")
-    p.add_argument("--systems", default="ours-onnx-fused,ours-onnx-unfused,ours-onnx-fused-int8,ours-torch,"
-                                        "transformers,optimum")
+    p.add_argument("--systems", default="ours-onnx-gqa,ours-onnx-gqa-int8,ours-onnx-fused,ours-onnx-unfused,"
+                                        "ours-onnx-fused-int8,ours-torch,transformers,optimum")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from bench/results/export_bench.json")
     args = p.parse_args(argv)
@@ -223,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     w = Workloads(repeats=args.repeats)
     graphs = {"ours-onnx-fused": CACHE / "fused.onnx", "ours-onnx-unfused": CACHE / "unfused.onnx",
               "ours-onnx-fused-int8": CACHE / "fused-int8.onnx"}
+    slot_graphs = {"ours-onnx-gqa": CACHE / "gqa.onnx", "ours-onnx-gqa-int8": CACHE / "gqa-int8.onnx"}
     wanted = args.systems.split(",")
     if any(s.startswith("ours-onnx") for s in wanted):
         model = load_pretrained(ckpt)
@@ -230,14 +250,19 @@ def main(argv: list[str] | None = None) -> int:
             if not graphs[name].is_file():
                 logger.info("exporting %s", name)
                 export_generation(model, graphs[name], fused=fused)
-        if not graphs["ours-onnx-fused-int8"].is_file():
-            import onnx
+        if not slot_graphs["ours-onnx-gqa"].is_file():
+            logger.info("exporting ours-onnx-gqa")
+            export_generation(model, slot_graphs["ours-onnx-gqa"], attention="gqa")
+        for fp32, int8 in (("ours-onnx-fused", "ours-onnx-fused-int8"), ("ours-onnx-gqa", "ours-onnx-gqa-int8")):
+            out = (graphs | slot_graphs)[int8]
+            if not out.is_file():
+                import onnx
 
-            from export.fusion import prune_unused_optional_outputs
+                from export.fusion import prune_unused_optional_outputs
 
-            proto = onnx.load(str(graphs["ours-onnx-fused"]))
-            prune_unused_optional_outputs(proto)
-            to_int8(proto, graphs["ours-onnx-fused-int8"])
+                proto = onnx.load(str((graphs | slot_graphs)[fp32]))
+                prune_unused_optional_outputs(proto)
+                to_int8(proto, out)
         del model
 
     # Rounds: every system once per round, medians across rounds. This machine's speed drifts
@@ -248,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("round %d/%d: measuring %s", r + 1, args.rounds, name)
             if name in graphs:
                 res = run_workloads(OrtGraph(graphs[name], args.threads), w)
+            elif name in slot_graphs:
+                res = run_workloads(SlotGraph(slot_graphs[name], args.threads), w)
             elif name == "ours-torch":
                 res = run_workloads(TorchOurs(ckpt), w)
             elif name == "transformers":

@@ -44,9 +44,10 @@ def _checkpoint_with_tokenizer() -> Path:
     return ckpt
 
 
-def _start(cmd: list[str], env: dict[str, str], url: str, log: Path, timeout: float = 900) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict[str, str], url: str, log: Path, timeout: float = 900,
+           cwd: Path = REPO) -> subprocess.Popen:
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

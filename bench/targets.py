@@ -131,8 +131,10 @@ def serve(ckpt: Path, precision: str, args: argparse.Namespace) -> Iterator[Serv
            "PORT": str(port), "NUM_THREADS": str(args.threads), "PRECISION": precision, "LOG_LEVEL": "WARNING",
            "MAX_CONCURRENT_REQUESTS": "256", "MAX_BATCH_SIZE": str(max(32, args.streams)),
            "MAX_INPUT_TOKENS": str(longest), "MAX_TOTAL_TOKENS": str(max(1024, longest + args.new_tokens + 1))}
+    env.update(args.server_env)
     t = time.perf_counter()
-    proc = _start([sys.executable, "-m", "app"], env, url, RESULTS / f"targets_server_{precision}.log")
+    proc = _start([sys.executable, "-m", "app"], env, url, RESULTS / f"targets_server_{precision}.log",
+                  cwd=args.server_repo)
     try:
         info = httpx.get(url + "/info", timeout=30, trust_env=False).json()
         gen = info.get("generation") or {}
@@ -563,11 +565,12 @@ def torch_mappings(pid: int) -> list[str]:
     return sorted(p for p in paths if any(m in p for m in TORCH_MARKERS))
 
 
-def _launch(env: dict[str, str], url: str, log: Path, timeout: float = 900) -> tuple[subprocess.Popen, float]:
+def _launch(env: dict[str, str], url: str, log: Path, timeout: float = 900,
+            cwd: Path = REPO) -> tuple[subprocess.Popen, float]:
     """Start `python -m app`; seconds from launch to the first /health 200, polled every 50 ms."""
     with open(log, "wb") as f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     with httpx.Client(base_url=url, timeout=2, trust_env=False) as client:
         while True:
             if proc.poll() is not None:
@@ -592,7 +595,7 @@ def run_startup(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
     for i in range(args.repeats + 1):  # start 0 makes sure the export cache exists; not counted
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc, seconds = _launch({**env, "PORT": str(port)}, url, log)
+        proc, seconds = _launch({**env, "PORT": str(port)}, url, log, cwd=args.server_repo)
         try:
             info = httpx.get(url + "/info", timeout=30, trust_env=False).json()
             with httpx.Client(base_url=url, timeout=120, trust_env=False) as c:  # warm-up
@@ -660,14 +663,23 @@ def table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_records() -> dict[str, dict[str, Any]]:
-    """Every saved target record, in the order of TARGET_NAMES."""
+def load_records(label: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every saved target record (with `label`: those saved under it), in the order of TARGET_NAMES."""
     out = {}
+    suffix = f"_{label}" if label else ""
     for name in TARGET_NAMES:
-        path = RESULTS / f"targets_{name}.json"
+        path = RESULTS / f"targets_{name}{suffix}.json"
         if path.is_file():
             out[name] = json.loads(path.read_text())
     return out
+
+
+def _commit(repo: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def plot(records: dict[str, dict[str, Any]], path: Path) -> bool:
@@ -720,12 +732,19 @@ def update_md(records: dict[str, dict[str, Any]], md: Path = REPO / "BENCHMARKS.
              "`python -m app`; transformers `generate` (greedy, never stopping early, the same prompt token ids) "
              "runs in the benchmark process only while the server is stopped. Values are medians over rounds "
              "that interleave the systems; the client shares the cores with the server."]
+    before = load_records("before")
+    for name in records:
+        if name in before:
+            b = before[name]
+            parts.append(f"#### Before: {TITLES[name]} (server at commit `{b.get('server_commit')}`)\n\n"
+                         f"Command: `{b['command']}`" + "".join(f"  \nNote: {n}" for n in b.get("notes", [])) +
+                         f"\n\n{table(b)}")
     for name, rec in records.items():
         m = rec["machine"]
         settings = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in rec["settings"].items())
         rounds = "" if name == "startup" else (f"; {rec.get('repeats')} round(s), each the median of "
                                                f"{rec.get('per_round')} timed requests per system after a warm-up")
-        parts.append(f"### {TITLES[name]}\n\nCommand: `{rec['command']}`  \nMachine: {m['cpu']}, {m['cores']} "
+        parts.append(f"#### After: {TITLES[name]}\n\nCommand: `{rec['command']}`  \nMachine: {m['cpu']}, {m['cores']} "
                      f"cores, {rec.get('threads')} threads; checkpoint `{rec.get('checkpoint')}`; {settings}"
                      f"{rounds}." + "".join(f"  \nNote: {n}" for n in rec.get("notes", [])) +
                      f"\n\n{table(rec)}")
@@ -736,6 +755,13 @@ def update_md(records: dict[str, dict[str, Any]], md: Path = REPO / "BENCHMARKS.
 
 
 # ---- CLI -------------------------------------------------------------------------------------
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -752,6 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-tokens", type=int, default=512, help="prompt of the ttft target and the long-prompt run")
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--duration", type=float, default=40.0, help="closed-loop seconds")
+    p.add_argument("--server-repo", type=Path, default=REPO,
+                   help="checkout whose `python -m app` is served, e.g. a `git worktree` of an older commit")
+    p.add_argument("--server-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra server setting, e.g. PREFILL_CHUNK_TOKENS=32 (repeatable)")
+    p.add_argument("--label", default=None,
+                   help="save as targets_<name>_<label>.json (e.g. 'before'), rendered as its own table")
     p.add_argument("--update-md", action="store_true",
                    help="render every bench/results/targets_*.json into BENCHMARKS.md and targets.png")
     return p
@@ -760,6 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    args.server_env = dict(args.server_env)
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     for k in ("repeats", "per_round", "threads", "prompt_tokens", "new_tokens", "ttft_tokens", "streams"):
@@ -790,7 +823,13 @@ def main(argv: list[str] | None = None) -> int:
         if SERVER_INFO:
             record["server"] = dict(SERVER_INFO)
             SERVER_INFO.clear()
-        (RESULTS / f"targets_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        if args.server_env:
+            record["settings"]["server env"] = " ".join(f"{k}={v}" for k, v in args.server_env.items())
+        if args.label:
+            record["label"] = args.label
+            record["server_commit"] = _commit(args.server_repo)
+        suffix = f"_{args.label}" if args.label else ""
+        (RESULTS / f"targets_{name}{suffix}.json").write_text(json.dumps(record, indent=2) + "\n")
         sys.stdout.write(f"\n## {TITLES[name]}\n\n{table(record)}\n")
         for note in record["notes"]:
             sys.stdout.write(f"\nNote: {note}\n")

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
                                                                   "nothing is decoding; longer prompts are chunked")
     prefill_chunk_tokens: int = Field(64, ge=1, description="prompt tokens prefilled per decode step while other "
                                                             "streams run: bounds their inter-token latency")
+    waiting_served_ratio: float = Field(1.2, ge=0, description="with this many waiting prompts per decoding row, "
+                                                               "prefill them at once instead of in chunks (TGI)")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     log_level: str = "INFO"
     model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")

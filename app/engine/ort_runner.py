@@ -46,14 +46,19 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: str | Path, device: str, num_threads: int | None = None) -> ort.InferenceSession:
-    """A session on `device`; raises if CUDA was asked for and ONNX Runtime could not take it."""
+def make_session(path: str | Path, device: str, num_threads: int | None = None,
+                 config: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session on `device`; raises if CUDA was asked for and ONNX Runtime could not take it.
+    `config`: extra session config entries (`session.intra_op.allow_spinning`, ...); the
+    defaults measured as well as any of those tried (bench/levers.py)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     if num_threads:
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     sess = ort.InferenceSession(str(path), opts, providers=providers_for(device))
     if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"CUDAExecutionProvider is not usable (session got {sess.get_providers()})")
@@ -158,10 +163,11 @@ class OrtSlotRunner(GenerationRunner):
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
-                 n_positions: int = 1024, initial_capacity: int = 4) -> None:
+                 n_positions: int = 1024, initial_capacity: int = 4, session_config: dict[str, str] | None = None,
+                 ) -> None:
         if device != "cpu":
             raise ValueError("the GroupQueryAttention graph runs on CPU here; CUDA uses the standard graph")
-        self.sess = make_session(path, device, num_threads)
+        self.sess = make_session(path, device, num_threads, session_config)
         self.device = device
         past = sorted((int(m[1]), m[2], i) for i in self.sess.get_inputs() if (m := _PAST.match(i.name)))
         n_layer = len({layer for layer, _, _ in past})

@@ -7,7 +7,9 @@ Each iteration of the worker:
      rows and a budget of prompt + max_new_tokens tokens),
   4. prefills admitted prompts: while other rows are decoding, at most `prefill_chunk_tokens`
      prompt tokens per iteration, so a long prompt is prefilled a chunk per iteration between
-     decode steps instead of stalling every running stream; with nothing decoding, up to
+     decode steps instead of stalling every running stream; with nothing decoding, or with at
+     least `waiting_served_ratio` times as many prompts waiting as rows decoding (TGI's rule: a
+     burst is better served by one pause than by many chunked steps), up to
      `max_batch_prefill_tokens` (rows x longest prompt) in one call,
   5. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
 New requests therefore join between decode steps and finished ones leave at once. Events reach
@@ -137,7 +139,7 @@ class Scheduler:
                  classifier: ClassificationRunner | None = None, max_batch_size: int = 8,
                  max_batch_total_tokens: int = 16384, eos_token_id: int | None = None,
                  on_step: Callable[[dict[str, float]], None] | None = None, prefill_chunk_tokens: int = 64,
-                 max_batch_prefill_tokens: int = 4096) -> None:
+                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.classifier = classifier
@@ -148,6 +150,7 @@ class Scheduler:
         self.context_limit = runner.info.n_positions if runner else 0
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self.max_batch_prefill_tokens = max(1, max_batch_prefill_tokens)
+        self.waiting_served_ratio = waiting_served_ratio
         self._queue: deque[_Seq] = deque()
         self._prefilling: deque[_Seq] = deque()  # admitted, prompt not yet in the cache
         self._chunked: tuple[_Seq, PendingPrefill] | None = None  # the prompt being prefilled in chunks
@@ -202,7 +205,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._stop or self._queue or self._classify or self._active):
+                while not (self._stop or self._queue or self._classify or self._active or self._prefilling
+                           or self._chunked):
                     self._cond.wait()
                 if self._stop:
                     break
@@ -268,7 +272,11 @@ class Scheduler:
     def _prefill(self) -> int:
         """Put waiting prompts into the cache within this iteration's token limit; returns how
         many rows joined the batch."""
-        limit = self.prefill_chunk_tokens if self._active else self.max_batch_prefill_tokens
+        if any(s.cancelled for s in self._prefilling):
+            self._prefilling = deque(s for s in self._prefilling if not s.cancelled)
+        waiting = len(self._prefilling) + (self._chunked is not None)
+        burst = waiting >= self.waiting_served_ratio * len(self._active)
+        limit = self.max_batch_prefill_tokens if burst else self.prefill_chunk_tokens
         if self._chunked is None:
             group = self._take_group(limit)
             if group:

@@ -347,3 +347,66 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(backend, tiny
     assert order[mark:first_long].count("short") >= n_long // 4 - 1
     assert tokens["short"] == hf_greedy(hf_lm, eng.tokenizer.encode(PROMPTS[0]), 60)
     assert tokens["long"] == hf_greedy(hf_lm, eng.tokenizer.encode(long_text), 3)
+
+
+@pytest.mark.parametrize("ratio", [1.2, 1e9], ids=["waiting_served_ratio", "always_chunk"])
+def test_a_burst_of_waiting_prompts_is_prefilled_at_once(ratio, tiny_lm_dir, onnx_cache, hf_lm) -> None:
+    """Three ~20-token prompts arrive while one stream decodes (PREFILL_CHUNK_TOKENS=4). With
+    3 waiting per running row >= WAITING_SERVED_RATIO they are prefilled together (TGI's rule);
+    with the rule off they are chunked, 4 tokens per decode step of the running stream."""
+    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+                      prefill_chunk_tokens=4, waiting_served_ratio=ratio)
+    eng.start()
+    texts = [" ".join(f"b{i}x{j}" for j in range(7)) for i in range(3)]
+    order: list[str] = []
+    tokens: dict[str, list[int]] = {}
+
+    async def stream(name: str, req) -> None:
+        tokens[name] = []
+        async for ev in eng.generate_stream(req):
+            order.append(name)
+            tokens[name].append(ev.token.id)
+
+    async def go() -> None:
+        short = asyncio.create_task(stream("short", eng.prepare(PROMPTS[1], 60)))
+        while "short" not in order:
+            await asyncio.sleep(0.001)
+        reqs = [eng.prepare(t, 2) for t in texts]  # tokenised first: the three are submitted back to back
+        await asyncio.gather(*(stream(f"new{i}", r) for i, r in enumerate(reqs)), short)
+
+    try:
+        run(go())
+    finally:
+        eng.stop()
+    firsts = sorted(order.index(f"new{i}") for i in range(3))
+    between = order[firsts[0]:firsts[-1]].count("short")
+    if ratio < 10:
+        assert between <= 3
+    else:
+        assert between >= 8
+    for i, t in enumerate(texts):
+        assert tokens[f"new{i}"] == hf_greedy(hf_lm, eng.tokenizer.encode(t), 2)
+
+
+def test_prompts_left_waiting_or_chunked_with_nothing_decoding_still_finish(tiny_lm_dir, onnx_cache, hf_lm) -> None:
+    """MAX_BATCH_PREFILL_TOKENS=8: a 40-token prompt alone is prefilled in 8-token chunks, and
+    one-token requests that do not fit one prefill call wait for the next iteration, while no
+    row is decoding (the worker must not go to sleep on them)."""
+    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+                      max_batch_prefill_tokens=8)
+    eng.start()
+    long_text = " ".join(f"w{i}" for i in range(20))
+
+    async def go():
+        alone = await asyncio.wait_for(eng.generate(eng.prepare(long_text, 3)), timeout=30)
+        several = await asyncio.wait_for(asyncio.gather(*[eng.generate(eng.prepare(p, 1)) for p in PROMPTS[:6]]),
+                                         timeout=30)
+        return alone, several
+
+    try:
+        alone, several = run(go())
+    finally:
+        eng.stop()
+    assert [t.id for t in alone.tokens] == hf_greedy(hf_lm, eng.tokenizer.encode(long_text), 3)
+    for p, res in zip(PROMPTS[:6], several, strict=True):
+        assert [t.id for t in res.tokens] == hf_greedy(hf_lm, eng.tokenizer.encode(p), 1)
