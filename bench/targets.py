@@ -701,7 +701,9 @@ def plot(records: dict[str, dict[str, Any]], path: Path) -> bool:
             panels.append((name, rows))
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
+    widths = [max(2, len(rows)) for _, rows in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 * sum(widths) + 3, 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, (name, rows) in zip(axes[0], panels, strict=True):
         vals = [r["ratio"] if r["ratio"] is not None else r["measured"] for r in rows]
         colors = ["tab:green" if r["passed"] else "tab:red" for r in rows]
@@ -711,8 +713,8 @@ def plot(records: dict[str, dict[str, Any]], path: Path) -> bool:
             ax.hlines(r["target"], x - 0.4, x + 0.4, colors="black", linestyles="--")
             ax.annotate(f"{r['op']} {r['target']:g}", (x, r["target"]), textcoords="offset points", xytext=(0, 3),
                         ha="center", fontsize=7)
-        ax.set_xticks(list(xs), [r.get("label") or r["metric"][:24] for r in rows], rotation=35, ha="right",
-                      fontsize=7)
+        ax.set_xticks(list(xs), [(r.get("label") or r["metric"][:24]).replace("\n", " ") for r in rows],
+                      rotation=50, ha="right", fontsize=7)
         ylabel = "ratio (x)" if rows[0]["ratio"] is not None else rows[0]["unit"]
         ax.set(title=TITLES.get(name, name), ylabel=ylabel)
         ax.title.set_fontsize(9)

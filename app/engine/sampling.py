@@ -87,7 +87,9 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     probs = _softmax(logits.astype(np.float64))
     V = logits.shape[-1]
     k = min(256, V)
-    cand = np.argpartition(-logits, k - 1)[:k] if k < V else np.arange(V)
+    # The top k plus every token tied with the k-th (a partition picks among those arbitrarily).
+    kth = logits[np.argpartition(-logits, k - 1)[k - 1]] if k < V else -np.inf
+    cand = np.flatnonzero(logits >= kth)
     if probs[cand].sum() >= p:
         cand = cand[np.lexsort((-cand, -logits[cand]))]  # most likely first
         ranked = probs[cand]

@@ -123,7 +123,10 @@ class _Seq:
 
     def fail(self, exc: BaseException) -> None:
         self.finished = True
-        self.emit(exc)
+        try:
+            self.emit(exc)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is waiting any more
+            logger.debug("could not deliver a failure: event loop closed")
 
 
 @dataclass
@@ -203,31 +206,42 @@ class Scheduler:
 
     # ---- the worker --------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stop or self._queue or self._classify or self._active or self._prefilling
+                               or self._chunked):
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    pending_cls = list(self._classify)
+                    self._classify.clear()
+                try:
+                    self._drop(lambda s: s.cancelled)
+                    if pending_cls:
+                        self._run_classify(pending_cls)
+                    if self.runner is not None:
+                        self._generation_step()
+                except Exception as e:  # a failed step fails the batch's requests, never the worker
+                    logger.exception("engine step failed")
+                    self._fail_batch(e)
+        finally:  # stopped, or (a bug) the worker itself died: nobody may wait forever
+            waiting = [self._chunked[0]] if self._chunked else []
             with self._cond:
-                while not (self._stop or self._queue or self._classify or self._active or self._prefilling
-                           or self._chunked):
-                    self._cond.wait()
-                if self._stop:
-                    break
-                pending_cls = list(self._classify)
-                self._classify.clear()
+                queued = list(self._queue)
+                self._queue.clear()
+            for s in self._active + waiting + list(self._prefilling) + queued:
+                s.fail(RuntimeError("engine stopped"))
+
+    def _fail_batch(self, exc: Exception) -> None:
+        for s in self._active + ([self._chunked[0]] if self._chunked else []):
+            s.fail(exc)
+        self._active, self._chunked = [], None
+        if self.runner is not None:
             try:
-                self._drop(lambda s: s.cancelled)
-                if pending_cls:
-                    self._run_classify(pending_cls)
-                if self.runner is not None:
-                    self._generation_step()
-            except Exception as e:  # a failed step fails its requests, never the worker
-                logger.exception("engine step failed")
-                for s in self._active + ([self._chunked[0]] if self._chunked else []):
-                    s.fail(e)
-                self._active, self._chunked = [], None
-                if self.runner is not None:
-                    self.runner.reset()
-        waiting = [self._chunked[0]] if self._chunked else []
-        for s in self._active + waiting + list(self._prefilling) + list(self._queue):
-            s.fail(RuntimeError("engine stopped"))
+                self.runner.reset()
+            except Exception:
+                logger.exception("runner reset failed")
 
     def _drop(self, pred: Callable[[_Seq], bool]) -> None:
         # Decide once: `cancelled` can flip on the event loop while the runner copies the cache.
@@ -281,7 +295,7 @@ class Scheduler:
             group = self._take_group(limit)
             if group:
                 logits = self._guarded(group, lambda: self.runner.add([s.req.prompt_ids for s in group]))
-                return self._join(group, logits)
+                return 0 if logits is None else self._join(group, logits)
         if self._chunked is None:
             return 0
         seq, pending = self._chunked
@@ -290,7 +304,7 @@ class Scheduler:
             self._chunked = None
             return 0
         logits = self._guarded([seq], lambda: self.runner.advance(pending, limit))
-        if logits is None:
+        if logits is None:  # more chunks to go, or it failed (and `_guarded` cleared it)
             return 0
         self._chunked = None
         return self._join([seq], logits)
@@ -308,21 +322,27 @@ class Scheduler:
             n = len(head.req.prompt_ids)
             if (len(group) + 1) * max(longest, n) > limit:
                 if not group:
-                    self._prefilling.popleft()
-                    self._chunked = (head, self.runner.start_prefill(head.req.prompt_ids))
+                    pending = self.runner.start_prefill(head.req.prompt_ids)
+                    self._chunked = (self._prefilling.popleft(), pending)
                 break
             group.append(self._prefilling.popleft())
             longest = max(longest, n)
         return group
 
     def _guarded(self, seqs: list[_Seq], call: Callable[[], Any]) -> Any:
+        """Run a prefill call; if it raises, fail only `seqs` (in neither the queue nor the batch)
+        and return None. The runners change their batch only after a call succeeds, so the
+        rows that are decoding carry on."""
         try:
             return call()
-        except Exception as e:  # they are in neither the queue nor the batch: fail them here
+        except Exception as e:
+            logger.exception("prefill of %d request(s) failed", len(seqs))
             for s in seqs:
                 s.fail(e)
-            self._chunked = None
-            raise
+            if self._chunked is not None:
+                self.runner.abort(self._chunked[1])
+                self._chunked = None
+            return None
 
     def _join(self, seqs: list[_Seq], logits: np.ndarray) -> int:
         """Rows just appended to the runner's batch: emit their first tokens."""

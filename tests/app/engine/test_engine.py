@@ -410,3 +410,48 @@ def test_prompts_left_waiting_or_chunked_with_nothing_decoding_still_finish(tiny
     assert [t.id for t in alone.tokens] == hf_greedy(hf_lm, eng.tokenizer.encode(long_text), 3)
     for p, res in zip(PROMPTS[:6], several, strict=True):
         assert [t.id for t in res.tokens] == hf_greedy(hf_lm, eng.tokenizer.encode(p), 1)
+
+
+def test_a_failed_chunked_prefill_fails_only_its_request(tiny_lm_dir, onnx_cache, hf_lm) -> None:
+    """A prompt chunk that raises fails that request; the stream already decoding carries on
+    with the right tokens, and the engine serves the next request."""
+    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+                      prefill_chunk_tokens=4)
+    eng.start()
+    runner = eng.generation.runner
+    original = runner.advance
+    calls = {"n": 0}
+
+    def flaky(pending, n):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("simulated allocation failure")
+        return original(pending, n)
+
+    runner.advance = flaky
+    order: list[str] = []
+
+    async def go():
+        async def running():
+            out = []
+            async for ev in eng.generate_stream(eng.prepare(PROMPTS[0], 40)):
+                order.append("short")
+                out.append(ev.token.id)
+            return out
+
+        short = asyncio.create_task(running())
+        while "short" not in order:
+            await asyncio.sleep(0.001)
+        with pytest.raises(MemoryError, match="simulated allocation failure"):
+            await asyncio.wait_for(eng.generate(eng.prepare(" ".join(f"w{i}" for i in range(20)), 3)), timeout=30)
+        return await short
+
+    try:
+        short_tokens = run(go())
+        runner.advance = original
+        after = run(eng.generate(eng.prepare(PROMPTS[2], 4)))
+    finally:
+        runner.advance = original
+        eng.stop()
+    assert short_tokens == hf_greedy(hf_lm, eng.tokenizer.encode(PROMPTS[0]), 40)
+    assert [t.id for t in after.tokens] == hf_greedy(hf_lm, eng.tokenizer.encode(PROMPTS[2]), 4)

@@ -112,3 +112,20 @@ def test_a_draw_at_the_top_of_the_cdf_stays_on_a_kept_token(logits) -> None:
     logits[[3, 7]] = [5.0, 4.0]  # top-k=2 keeps 3 and 7; everything above index 7 is masked
     token, lp = choose(logits, SamplingParams(do_sample=True, top_k=2), set(), _EdgeRng())
     assert token == 7 and np.isfinite(lp)
+
+
+def test_top_p_ties_straddling_the_candidate_cut_keep_the_highest_index() -> None:
+    """255 clear winners, then 20 tokens tied at rank 256: the cut lands inside the tie, and the
+    kept one must be the one a stable ascending sort ranks highest (the largest index)."""
+    z = np.full(V, -10.0, np.float32)
+    z[:255] = 5.0
+    z[500:520] = 1.0
+    e = np.exp(z.astype(np.float64) - 5.0)
+    probs = e / e.sum()
+    p = probs[:255].sum() + probs[500] / 2
+    kept = np.flatnonzero(np.isfinite(top_p_mask(z, p)))
+    assert kept.tolist() == list(range(255)) + [519]
+    order = np.argsort(z, kind="stable")  # the reference: transformers' rule with a stable sort
+    remove = np.cumsum(probs[order]) <= 1 - p
+    remove[-1] = False
+    assert sorted(order[~remove].tolist()) == kept.tolist()
