@@ -84,6 +84,11 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     """
     if p >= 1.0:
         return logits
+    alive = np.flatnonzero(logits > -np.inf)
+    if alive.size < logits.shape[-1]:  # already cut (top-k): work on the survivors, in index order
+        out = np.full_like(logits, -np.inf)
+        out[alive] = top_p_mask(logits[alive], p)
+        return out
     probs = _softmax(logits.astype(np.float64))
     V = logits.shape[-1]
     k = min(256, V)
@@ -130,11 +135,14 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int], rng: np.r
         scores = top_k_mask(scores, params.top_k)
     if params.top_p not in (None, 1.0):
         scores = top_p_mask(scores, params.top_p)
-    probs = _softmax(scores)
-    kept = np.flatnonzero(probs)  # after top-k / top-p usually a few tokens, not V
+    kept = np.flatnonzero(scores > -np.inf)  # after top-k / top-p usually a few tokens, not V
+    probs = _softmax(scores[kept])
     # One float64 running sum for both the scale and the search, so the draw can never land
-    # past the last kept token (a float32 cumsum and a pairwise sum differ by ~1e-5).
-    cdf = np.cumsum(probs[kept], dtype=np.float64)
+    # past the last kept token (a float32 cumsum and a pairwise sum differ by ~1e-5). Tokens
+    # whose probability underflows to 0 add nothing, and `side="right"` never lands on them.
+    cdf = np.cumsum(probs, dtype=np.float64)
     i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    token = int(kept[min(i, kept.size - 1)])  # u * total == total exactly: the last kept token
+    if i >= kept.size:  # u * total rounded up to total: the last token with probability > 0
+        i = int(np.flatnonzero(probs)[-1])
+    token = int(kept[i])
     return token, float(logprobs[token])

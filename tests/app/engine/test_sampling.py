@@ -114,6 +114,15 @@ def test_a_draw_at_the_top_of_the_cdf_stays_on_a_kept_token(logits) -> None:
     assert token == 7 and np.isfinite(lp)
 
 
+def test_a_draw_at_the_top_of_the_cdf_skips_underflowed_tokens(logits) -> None:
+    """No mask, but every token except 3 and 7 underflows to probability 0 in float32: the edge
+    draw must still land on a token that has probability, not on the vocabulary's last."""
+    logits[:] = -200.0
+    logits[[3, 7]] = [5.0, 4.0]
+    token, lp = choose(logits, SamplingParams(do_sample=True, temperature=0.5), set(), _EdgeRng())
+    assert token == 7 and np.isfinite(lp)
+
+
 def test_top_p_ties_straddling_the_candidate_cut_keep_the_highest_index() -> None:
     """255 clear winners, then 20 tokens tied at rank 256: the cut lands inside the tie, and the
     kept one must be the one a stable ascending sort ranks highest (the largest index)."""
