@@ -73,6 +73,24 @@ def _require(sess: ort.InferenceSession, inputs: Sequence[str], outputs: Sequenc
         raise GraphContractError(f"ONNX graph is missing {', '.join(missing)}")
 
 
+def _kv_contract(sess: ort.InferenceSession, inputs: Sequence[str],
+                 n_positions: int) -> tuple[list[str], list[str], type, ModelInfo]:
+    """(past names, present names, KV dtype, model info) of a generation graph whose other
+    required inputs are `inputs`; raises GraphContractError naming whatever is missing."""
+    past = sorted((int(m[1]), m[2], i) for i in sess.get_inputs() if (m := _PAST.match(i.name)))
+    n_layer = len({layer for layer, _, _ in past})
+    if n_layer == 0:
+        raise GraphContractError("ONNX graph has no past_key_values.{i}.key/value inputs")
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    _require(sess, [*inputs, *past_names], ["logits", *present_names])
+    shape = past[0][2].shape  # (batch, n_head, past or cache length, head_dim): n_head, head_dim static
+    kv_dtype = np.float16 if past[0][2].type == "tensor(float16)" else np.float32
+    vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
+    return past_names, present_names, kv_dtype, ModelInfo(n_layer, int(shape[1]), int(shape[3]), int(vocab),
+                                                          n_positions)
+
+
 class OrtGenerationRunner(PaddedRunner):
     """The standard past/present graph (DESIGN §7), left-padded batch; CPU or CUDA."""
 
@@ -82,21 +100,12 @@ class OrtGenerationRunner(PaddedRunner):
                  n_positions: int = 1024) -> None:
         self.sess = make_session(path, device, num_threads)
         self.device = device
-        past = sorted((int(m[1]), m[2], i) for i in self.sess.get_inputs() if (m := _PAST.match(i.name)))
-        n_layer = len({layer for layer, _, _ in past})
-        if n_layer == 0:
-            raise GraphContractError("ONNX graph has no past_key_values.{i}.key/value inputs")
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-        _require(self.sess, ["input_ids", "attention_mask", "position_ids", *self.past_names],
-                 ["logits", *self.present_names])
-        shape = past[0][2].shape  # (batch, n_head, past, head_dim) with n_head, head_dim static
-        self.kv_dtype = np.float16 if past[0][2].type == "tensor(float16)" else np.float32
-        logits_shape = next(o for o in self.sess.get_outputs() if o.name == "logits").shape
-        super().__init__(ModelInfo(n_layer, int(shape[1]), int(shape[3]), int(logits_shape[-1]), n_positions))
+        self.past_names, self.present_names, self.kv_dtype, info = _kv_contract(
+            self.sess, ["input_ids", "attention_mask", "position_ids"], n_positions)
+        super().__init__(info)
         self.io_binding = device == "cuda"
         logger.info("ONNX Runtime generation runner on %s (%s), %d layers, kv %s, io binding %s",
-                    device, self.sess.get_providers()[0], n_layer, np.dtype(self.kv_dtype).name, self.io_binding)
+                    device, self.sess.get_providers()[0], info.n_layer, np.dtype(self.kv_dtype).name, self.io_binding)
 
     def _empty_kv(self, n: int) -> list[Any]:
         z = np.zeros((n, self.info.n_head, 0, self.info.head_dim), self.kv_dtype)
@@ -169,24 +178,14 @@ class OrtSlotRunner(GenerationRunner):
             raise ValueError("the GroupQueryAttention graph runs on CPU here; CUDA uses the standard graph")
         self.sess = make_session(path, device, num_threads, session_config)
         self.device = device
-        past = sorted((int(m[1]), m[2], i) for i in self.sess.get_inputs() if (m := _PAST.match(i.name)))
-        n_layer = len({layer for layer, _, _ in past})
-        if n_layer == 0:
-            raise GraphContractError("ONNX graph has no past_key_values.{i}.key/value inputs")
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-        _require(self.sess, ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", *self.past_names],
-                 ["logits", *self.present_names])
-        shape = past[0][2].shape  # (batch, n_head, max_cache_length, head_dim)
-        self.kv_dtype = np.float16 if past[0][2].type == "tensor(float16)" else np.float32
-        logits_shape = next(o for o in self.sess.get_outputs() if o.name == "logits").shape
-        self.info = ModelInfo(n_layer, int(shape[1]), int(shape[3]), int(logits_shape[-1]), n_positions)
+        self.past_names, self.present_names, self.kv_dtype, self.info = _kv_contract(
+            self.sess, ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"], n_positions)
         self.capacity = 0
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros((0,), np.int64)  # (B,) tokens in each row's cache
         self._grow(initial_capacity)
         logger.info("ONNX Runtime GQA generation runner on cpu, %d layers, kv %s, shared KV buffers of %d positions",
-                    n_layer, np.dtype(self.kv_dtype).name, n_positions)
+                    self.info.n_layer, np.dtype(self.kv_dtype).name, n_positions)
 
     @property
     def num_rows(self) -> int:
