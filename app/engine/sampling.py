@@ -59,8 +59,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: set[int] | list[int], pen
     idx = np.fromiter(seen, dtype=np.int64)
     idx = idx[(idx >= 0) & (idx < logits.shape[-1])]
     out = logits.copy()
-    vals = out[idx]
-    out[idx] = np.where(vals < 0, vals * penalty, vals / penalty)
+    vals = out[idx].astype(np.float64)  # a float32 penalty can round to 0 (then 0 / 0 = NaN)
+    with np.errstate(over="ignore"):  # an extreme penalty overflows to +/-inf: handled in `choose`
+        out[idx] = np.where(vals < 0, vals * penalty, vals / penalty).astype(logits.dtype)
     return out
 
 
@@ -101,7 +102,7 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
         keep = cand[np.cumsum(ranked) - ranked < p]
     else:
         ranked = np.sort(probs)[::-1]
-        n_keep = int((np.cumsum(ranked) - ranked < p).sum())
+        n_keep = max(1, int((np.cumsum(ranked) - ranked < p).sum()))
         last = ranked[n_keep - 1]
         above = np.flatnonzero(probs > last)
         ties = np.flatnonzero(probs == last)  # ascending index: the kept ones are at the end
@@ -125,11 +126,17 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int], rng: np.r
     scores = logits.astype(np.float32, copy=False)
     if params.repetition_penalty not in (None, 1.0):
         scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
+        if scores.max() == np.inf:  # the penalty overflowed: those tokens outrank all others, equally
+            scores = np.where(scores == np.inf, np.float32(0), np.float32(-np.inf))
     if not params.sampling:
         token = int(np.argmax(scores))
         return token, float(log_softmax(scores)[token])
     if params.temperature not in (None, 1.0):
-        scores = scores / np.float32(params.temperature)
+        # Shift first (softmax is shift-invariant) and divide in float64: a tiny temperature then
+        # sends the others to -inf instead of overflowing the best to +inf (and 0 / 0 to NaN).
+        shifted = scores.astype(np.float64) - float(scores.max())
+        with np.errstate(over="ignore"):  # overflowing to -inf is the intended result
+            scores = (shifted / params.temperature).astype(np.float32)
     logprobs = log_softmax(scores)
     if params.top_k:
         scores = top_k_mask(scores, params.top_k)

@@ -138,3 +138,33 @@ def test_top_p_ties_straddling_the_candidate_cut_keep_the_highest_index() -> Non
     remove = np.cumsum(probs[order]) <= 1 - p
     remove[-1] = False
     assert sorted(order[~remove].tolist()) == kept.tolist()
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 1e300])
+def test_extreme_temperatures_stay_finite(logits, temperature) -> None:
+    """Found by the HTTP fuzzer: a subnormal temperature used to overflow the scores to +/-inf
+    (and 0 / 0 to NaN). Scaled after a shift, a tiny one is greedy and a huge one near-uniform."""
+    rng = np.random.default_rng(0)
+    for params in (SamplingParams(do_sample=True, temperature=temperature),
+                   SamplingParams(do_sample=True, temperature=temperature, top_k=1, top_p=5e-324),
+                   SamplingParams(do_sample=True, temperature=temperature, top_p=0.9)):
+        token, lp = choose(logits, params, set(), rng)
+        assert 0 <= token < V and np.isfinite(lp)
+        if temperature < 1e-20:
+            assert token == int(np.argmax(logits)) and lp == 0.0
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-300, 1e300])
+def test_extreme_repetition_penalties_stay_finite(logits, penalty) -> None:
+    """Also found by the fuzzer: a penalty that rounds to 0 in float32 made seen tokens +inf and
+    0 / 0 NaN. A tiny penalty now makes the seen positive-logit tokens the only candidates."""
+    seen = {3, 15, 40}
+    logits[[3, 15, 40]] = [2.0, -1.0, 4.0]
+    for params in (SamplingParams(repetition_penalty=penalty),
+                   SamplingParams(do_sample=True, temperature=5e-324, top_k=1, top_p=5e-324,
+                                  repetition_penalty=penalty),
+                   SamplingParams(do_sample=True, top_p=0.9, repetition_penalty=penalty)):
+        token, lp = choose(logits, params, seen, np.random.default_rng(0))
+        assert 0 <= token < V and not np.isnan(lp)
+        if penalty < 1e-30:
+            assert token in (3, 40)
