@@ -268,12 +268,9 @@ class OrtSlotRunner(GenerationRunner):
         return order
 
     def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
-        chunk = pending.prompt[pending.done:pending.done + max(1, n_tokens)]
-        end = pending.done + len(chunk)
+        ids, pos, end = pending.next_chunk(n_tokens)
         self._check_room(np.asarray([end]))
-        scratch = slice(self.capacity, self.capacity + 1)
-        logits = self._run(np.asarray([chunk], np.int64), np.arange(pending.done, end)[None],
-                           np.asarray([end - 1]), scratch)
+        logits = self._run(ids, pos, np.asarray([end - 1]), slice(self.capacity, self.capacity + 1))
         pending.done = end
         if pending.remaining:
             return None

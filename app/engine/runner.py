@@ -66,6 +66,13 @@ class PendingPrefill:
     def remaining(self) -> int:
         return len(self.prompt) - self.done
 
+    def next_chunk(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(ids, positions), both (1, c), of the next c <= n_tokens prompt tokens (at least one),
+        and the cache length once they are in."""
+        end = min(len(self.prompt), self.done + max(1, n_tokens))
+        ids = np.asarray([self.prompt[self.done:end]], dtype=np.int64)
+        return ids, np.arange(self.done, end, dtype=np.int64)[None], end
+
 
 class GenerationRunner(ABC):
     """A KV-cached batch of sequences on one backend and device."""
@@ -157,10 +164,7 @@ class PaddedRunner(GenerationRunner):
         return logits
 
     def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
-        chunk = pending.prompt[pending.done:pending.done + max(1, n_tokens)]
-        end = pending.done + len(chunk)
-        ids = np.asarray([chunk], dtype=np.int64)
-        pos = np.arange(pending.done, end, dtype=np.int64)[None]
+        ids, pos, end = pending.next_chunk(n_tokens)
         logits, kv = self._forward(ids, np.ones((1, end), np.int64), pos, pending.state)
         pending.state, pending.done = kv, end
         if pending.remaining:
