@@ -6,7 +6,13 @@
 # cached in ONNX_CACHE_DIR (a volume in docker-compose.yml).
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# The CUDA major is pinned once, here. onnxruntime-gpu (its pin is in constraints.txt) is built for it:
+# 1.31's CUDA provider links libcublas.so.13, libcudart.so.13 and cuDNN 9. The base image and torch's
+# CUDA build follow it, the gpu stage checks at build time that the provider's libraries resolve, and
+# tests/deploy/test_docker_consistency.py keeps these lines, constraints.txt and docs/DEPLOY.md in step.
+ARG CUDA_MAJOR=13
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG TORCH_CUDA_INDEX_URL=https://download.pytorch.org/whl/cu130
 
 # ---- build the CPU virtualenv -------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder-cpu
@@ -56,18 +62,26 @@ CMD ["python", "-m", "app"]
 
 # ---- the CUDA image ---------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu
+ARG CUDA_MAJOR
+ARG TORCH_CUDA_INDEX_URL
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126
+# torch's CUDA build for export and the PyTorch fallback; the same CUDA major as onnxruntime-gpu.
+RUN pip install torch==2.13.0 --index-url ${TORCH_CUDA_INDEX_URL}
 COPY pyproject.toml README.md constraints.txt ./
 COPY model ./model
 COPY export ./export
 COPY app ./app
 RUN pip install -c constraints.txt '.[gpu]'
+# Fail the build, not the first start, if ONNX Runtime's CUDA provider cannot find its CUDA
+# libraries in this image (libcuda.so.1 is the driver's, mounted at run time by the NVIDIA toolkit).
+RUN so=$(python -c "import onnxruntime, pathlib; print(pathlib.Path(onnxruntime.__file__).parent / 'capi' / 'libonnxruntime_providers_cuda.so')") \
+    && ldd "$so" | grep -q "libcublas.so.${CUDA_MAJOR}" \
+    && ! ldd "$so" | grep "not found" | grep -v "libcuda.so"
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app app \
     && mkdir -p /app /models /cache && chown app:app /app /models /cache
 COPY --chown=app:app model/demo /app/model/demo
@@ -76,7 +90,7 @@ ENV PYTHONUNBUFFERED=1 \
     CLASSIFIER_PATH=/app/model/demo/classifier \
     BACKEND=auto \
     DEVICE=auto \
-    PRECISION=fp16 \
+    PRECISION=auto \
     ONNX_CACHE_DIR=/cache \
     HOST=0.0.0.0 \
     PORT=8000 \
@@ -88,7 +102,8 @@ ENV PYTHONUNBUFFERED=1 \
     LOG_LEVEL=INFO
 WORKDIR /app
 USER app
-# No GPU at build time: the fp16 CUDA exports are made (and verified on the GPU) on first start.
+# No GPU at build time: the exports (fp16 on CUDA with PRECISION=auto) are made and verified on the
+# GPU at first start, into the /cache volume.
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/health', timeout=2).status == 200 else 1)"]

@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# ONNX Runtime's build: onnxruntime-gpu (CUDA 13) where an NVIDIA driver is present, else the CPU one.
+# Both are the same import; override with `make ORT=cpu ...`.
+ORT ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 
 .PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server bench-levers bench-targets \
 	bench-single bench-concurrency bench-ttft bench-startup
@@ -13,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev]'
 	touch $@
 
 test: install
@@ -43,20 +46,20 @@ bench/.venv-optimum/.installed:
 	touch $@
 
 bench-export: install bench-venv
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev,bench]'
 	$(BIN)/python -m bench.export_bench
 
 bench-server: install
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev,bench]'
 	$(BIN)/python -m bench.server_bench
 
 # Issue 7: each lever alone (engine level), and each target through HTTP against transformers.
 bench-levers: install
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev,bench]'
 	$(BIN)/python -m bench.levers
 
 bench-single bench-concurrency bench-ttft bench-startup: install
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev,bench]'
 	$(BIN)/python -m bench.targets $(subst bench-,,$@) --update-md
 
 bench-targets: bench-single bench-concurrency bench-ttft bench-startup

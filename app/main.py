@@ -21,7 +21,7 @@ from app.api.routes import classify, generate, health, openai, tokenize
 from app.core.config import Settings, get_settings
 from app.core.errors import UnauthorizedError, envelope, error_type_for, install_error_handlers
 from app.engine.engine import Engine
-from app.engine.loader import LoadCancelledError
+from app.engine.loader import LoadCancelledError, one_line
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -66,7 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             logger.info("loading cancelled by shutdown")
             return
         except Exception as e:
-            state.load_error = f"{type(e).__name__}: {e}"
+            state.load_error = one_line(e)
             logger.error("loading the models failed: %s", state.load_error, exc_info=e)
             if on_failure:
                 on_failure()

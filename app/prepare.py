@@ -7,7 +7,7 @@ import logging
 import sys
 
 from app.core.config import get_settings
-from app.engine.loader import ensure_export
+from app.engine.loader import ensure_export, resolve_precision
 
 logger = logging.getLogger("app.prepare")
 
@@ -19,7 +19,7 @@ def main() -> int:
     jobs = [("generate", s.model_path)] + ([("classify", s.classifier_path)] if s.classifier_path else [])
     for task, path in jobs:
         try:
-            onnx, _ = ensure_export(path, task, s.precision, s.onnx_cache_dir, device)
+            onnx, _ = ensure_export(path, task, resolve_precision(s.precision, device), s.onnx_cache_dir, device)
         except Exception as e:  # a CLI: say what failed and exit non-zero
             logger.error("%s export of %s failed: %s", task, path, e)
             return 1

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.providers import CUDA, with_options
 from model.gpt2 import GPT2, GPT2ForSequenceClassification
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ParityReport:
     task: str
     precision: str
     provider: str
+    tf32: bool | None = None  # CUDA only; must be False for an fp32 check to mean fp32
     checks: list[Check] = field(default_factory=list)
     top1_matches: int = 0
     top1_total: int = 0
@@ -100,6 +102,7 @@ class ParityReport:
             worst[c.output] = max(worst.get(c.output, 0.0), c.max_abs_diff)
         return {
             "passed": self.passed, "task": self.task, "precision": self.precision, "provider": self.provider,
+            "tf32": self.tf32,
             "top1_agreement": round(self.top1_agreement, 6), "top1_positions": self.top1_total,
             "top1_floor": TOP1_FLOOR[self.precision], "max_logit_error": self.max_logit_error,
             "max_abs_diff_by_output": worst, "failures": self.failures(),
@@ -140,8 +143,14 @@ class _Session:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        self.sess = ort.InferenceSession(str(onnx_path), opts, providers=with_options(providers))
         self.provider = self.sess.get_providers()[0]
+        if self.provider != providers[0]:  # ONNX Runtime falls back to the CPU EP with only a log line
+            raise RuntimeError(f"parity check asked for {providers[0]} but ONNX Runtime gave "
+                               f"{self.sess.get_providers()}")
+        # TF32 on CUDA (None elsewhere): recorded, since an fp32 check under TF32 is not an fp32 check.
+        opts_used = self.sess.get_provider_options().get(self.provider, {})
+        self.tf32 = opts_used.get("use_tf32") == "1" if self.provider == CUDA else None
         self.input_types = {i.name: i.type for i in self.sess.get_inputs()}
         self.output_names = [o.name for o in self.sess.get_outputs()]
 
@@ -175,7 +184,7 @@ def verify_generation(model: GPT2, onnx_path: Path, precision: str = "fp32", pro
     sess = _Session(onnx_path, providers or ["CPUExecutionProvider"])
     if "seqlens_k" in sess.input_types:
         return _verify_generation_gqa(model, sess, precision, checkpoint)
-    report = ParityReport("generate", precision, sess.provider)
+    report = ParityReport("generate", precision, sess.provider, sess.tf32)
     gate = precision == "fp32"  # fp16/int8 are judged on logits top-1, their diffs reported
     prompts = _prompt_ids(checkpoint, cfg.vocab_size)
 
@@ -215,7 +224,7 @@ def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoi
     prefill batch then decode steps, a batch-1 prompt, and a prompt prefilled in two chunks.
     Each row's logits and its filled cache columns are compared."""
     cfg = model.config
-    report = ParityReport("generate", precision, sess.provider)
+    report = ParityReport("generate", precision, sess.provider, sess.tf32)
     gate = precision == "fp32"
     prompts = _prompt_ids(checkpoint, cfg.vocab_size)
     M = min(cfg.n_positions, max(len(p) for p in prompts) + DECODE_STEPS + 1)
@@ -279,7 +288,7 @@ def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoi
 def verify_classification(model: GPT2ForSequenceClassification, onnx_path: Path, precision: str = "fp32",
                           providers: list[str] | None = None, checkpoint: Path | None = None) -> ParityReport:
     sess = _Session(onnx_path, providers or ["CPUExecutionProvider"])
-    report = ParityReport("classify", precision, sess.provider)
+    report = ParityReport("classify", precision, sess.provider, sess.tf32)
     prompts = _prompt_ids(checkpoint, model.config.vocab_size)
     ids, mask = _left_pad(prompts)
     batches = {"left-padded batch": (ids, mask), "right-padded batch": (

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
                                          description="sequence-classification checkpoint folder; empty disables")
     backend: Literal["auto", "onnxruntime", "torch"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 on CPU (as TGI and vLLM); an explicit value is obeyed")
     onnx_cache_dir: Path = Field(Path(".onnx_cache"), description="exports are made once and reused from here")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)

@@ -74,7 +74,7 @@ class Engine:
 
     @classmethod
     def load(cls, model_path: Path | None, classifier_path: Path | None = None, backend: str = "auto",
-             device: str = "auto", precision: str = "fp32", cache_dir: Path = Path(".onnx_cache"),
+             device: str = "auto", precision: str = "auto", cache_dir: Path = Path(".onnx_cache"),
              num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
              cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,

@@ -65,6 +65,14 @@ def resolve_device(device: str, backend: str) -> str:
     return "cpu"
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """`PRECISION=auto` is fp16 on CUDA and fp32 on CPU, as TGI and vLLM default to half precision
+    on a GPU; an explicit precision is obeyed."""
+    if precision != "auto":
+        return precision
+    return "fp16" if device == "cuda" else "fp32"
+
+
 def attention_for(task: str, device: str) -> str:
     """The generation graph each device serves best (see the module docstring)."""
     return "gqa" if task == "generate" and device == "cpu" else "standard"
@@ -94,6 +102,34 @@ class LoadCancelledError(RuntimeError):
     """Loading was cancelled (the server is shutting down); not a reason to fall back."""
 
 
+class ExportFailedError(RuntimeError):
+    """The export child failed. The message is one line (the first failed check and how many
+    failed, or the child's last error line); `report` is the file with everything it printed."""
+
+    def __init__(self, summary: str, output: str, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(summary)
+        self.summary, self.output, self.manifest = summary, output, manifest
+        self.report: Path | None = None
+
+    def __str__(self) -> str:
+        return self.summary + (f"; full report: {self.report}" if self.report else "")
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """`Type: first line of the message`, at most `limit` characters: what /info, /health and the
+    WARNING line show. The whole message and traceback go to the log at DEBUG."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    if len(lines) > 1:
+        text += f" (+{len(lines) - 1} more lines in the log)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def failure_report_path(export_dir: Path) -> Path:
+    """Where a failed export's full output goes: next to where the export would have been."""
+    return export_dir.with_name(export_dir.name + ".failed.json")
+
+
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
                   cancel: threading.Event | None = None) -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
@@ -116,8 +152,14 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
+    report = failure_report_path(final)
     try:
-        _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
+        try:
+            _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
+        except ExportFailedError as e:
+            _write_failure_report(e, report)
+            raise
+        report.unlink(missing_ok=True)  # an earlier failure's report no longer applies
         try:
             os.rename(tmp, final)
         except OSError:
@@ -130,6 +172,29 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     return final / mf.MODEL_FILE, False
 
 
+def _write_failure_report(e: ExportFailedError, path: Path) -> None:
+    """Keep the child's whole output (parity table, every failed check) beside the cache entry;
+    if that cannot be written, it goes to the log at DEBUG instead."""
+    try:
+        mf.write_json_atomic(path, {"summary": e.summary, "manifest": e.manifest, "output": e.output})
+        e.report = path
+    except OSError as err:
+        logger.debug("could not write %s (%s); the export's output:\n%s", path, err, e.output)
+
+
+def _summarize(returncode: int, output: str, manifest: dict[str, Any] | None) -> str:
+    """One line for a failed export: the first failed parity check and how many failed, or the
+    last line the child wrote."""
+    parity = (manifest or {}).get("parity") or {}
+    failures = parity.get("failures") or []
+    if failures:
+        more = f" (1 of {len(failures)} failed checks)" if len(failures) > 1 else ""
+        return (f"export parity failed on {parity.get('provider')} ({parity.get('precision')}): "
+                f"{failures[0]}{more}")
+    last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "no output")
+    return f"export failed (exit {returncode}): {last}"
+
+
 def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str,
                        cancel: threading.Event | None = None, attention: str = "standard") -> None:
     """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
@@ -139,8 +204,8 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
            "--precision", precision, "--attention", attention]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).resolve().parents[2])
+    with tempfile.TemporaryFile() as log:  # stdout (the summary table) and stderr, interleaved
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
         while True:
             try:
                 proc.wait(timeout=0.2)
@@ -151,21 +216,26 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
                     proc.wait()
                     raise LoadCancelledError("export cancelled: shutting down") from None
         if proc.returncode != 0:
-            err.seek(0)
-            tail = "\n".join(err.read().decode(errors="replace").strip().splitlines()[-5:])
-            raise RuntimeError(f"export failed (exit {proc.returncode}): {tail}")
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            try:
+                manifest = mf.read_manifest(out)  # written even when parity fails
+            except ValueError:
+                manifest = None
+            raise ExportFailedError(_summarize(proc.returncode, output, manifest), output, manifest)
 
 
 def _context_length(onnx_path: Path) -> int:
     return int(mf.read_manifest(onnx_path.parent)["model"]["n_positions"])
 
 
-def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "fp32",
+def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
          cancel: threading.Event | None = None) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
+    precision = resolve_precision(precision, dev)
     reason = None
     if backend in ("auto", "onnxruntime"):
         try:
@@ -189,10 +259,11 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
         except LoadCancelledError:
             raise
         except Exception as e:
+            logger.debug("ONNX Runtime cannot serve %s %s", task, checkpoint, exc_info=e)
             if backend == "onnxruntime":
                 raise
-            reason = f"{type(e).__name__}: {e}"
-            logger.warning("ONNX Runtime cannot serve %s (%s); falling back to PyTorch", checkpoint, reason)
+            reason = one_line(e)
+            logger.warning("ONNX Runtime cannot serve %s %s, falling back to PyTorch: %s", task, checkpoint, reason)
     from app.engine.torch_runner import TorchClassificationRunner, TorchGenerationRunner
 
     if dev == "cuda":

@@ -30,6 +30,7 @@ from app.engine.runner import (
     PendingPrefill,
     left_pad,
 )
+from export.providers import CUDA, providers_for
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +41,12 @@ class GraphContractError(RuntimeError):
     """The ONNX graph does not have the inputs/outputs the runner needs."""
 
 
-def providers_for(device: str) -> list[str]:
-    if device == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def make_session(path: str | Path, device: str, num_threads: int | None = None,
                  config: dict[str, str] | None = None) -> ort.InferenceSession:
     """A session on `device`; raises if CUDA was asked for and ONNX Runtime could not take it.
-    `config`: extra session config entries (`session.intra_op.allow_spinning`, ...); the
-    defaults measured as well as any of those tried (bench/levers.py)."""
+    On CUDA, TF32 is off (`export.providers`: fp32 must mean fp32). `config`: extra session config
+    entries (`session.intra_op.allow_spinning`, ...); the defaults measured as well as any of
+    those tried (bench/levers.py)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -60,7 +56,7 @@ def make_session(path: str | Path, device: str, num_threads: int | None = None,
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     sess = ort.InferenceSession(str(path), opts, providers=providers_for(device))
-    if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+    if device == "cuda" and sess.get_providers()[0] != CUDA:
         raise RuntimeError(f"CUDAExecutionProvider is not usable (session got {sess.get_providers()})")
     return sess
 

@@ -84,3 +84,18 @@ def server(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> It
     srv = start_server(tmp_path_factory.mktemp("srv"), base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache))
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def nan_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint whose final LayerNorm bias holds a NaN: every logit is NaN on both sides, so
+    the export's parity check fails on each logits comparison, through the real export child."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import make_hf_checkpoint
+
+    folder = make_hf_checkpoint(tmp_path_factory.mktemp("nan_lm"), "generate", seed=5)
+    weights = load_file(folder / "model.safetensors")
+    weights["transformer.ln_f.bias"][0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -110,3 +110,20 @@ def test_openai_cuts_the_stop_sequence_that_ended_the_text() -> None:
     assert (text, reason) == ("xx", "stop")
     assert _text_and_reason(Finish("eos_token", "xx", 3, None, []), ["b"]) == ("xx", "stop")
     assert _text_and_reason(Finish("length", "xxb", 3, None, []), ["b"]) == ("xxb", "length")
+
+
+def test_info_shows_the_served_precision_and_a_one_line_fallback_reason(nan_lm_dir, tmp_path) -> None:
+    """PRECISION=auto (the default) resolves to fp32 on CPU; a failed export's fallback is one line
+    in /info, naming the report file that holds the rest."""
+    app = create_app(Settings(model_path=nan_lm_dir, classifier_path=None, onnx_cache_dir=tmp_path))
+    with TestClient(app) as client:
+        wait_ready(client, timeout=300)
+        info = client.get("/info").json()
+    gen = info["generation"]
+    assert info["settings"]["precision"] == "auto"
+    assert (gen["backend"], gen["device"], gen["precision"]) == ("torch", "cpu", "fp32")
+    reason = gen["fallback_reason"]
+    assert "\n" not in reason and len(reason) <= 400
+    assert "export parity failed on CPUExecutionProvider (fp32)" in reason and "failed checks" in reason
+    report = reason.rsplit("full report: ", 1)[1]
+    assert report.startswith(str(tmp_path)) and report.endswith(".failed.json")

@@ -80,3 +80,35 @@ def test_demo_exports_are_baked_at_build_time(dockerfile) -> None:
     _, stages = dockerfile
     assert "python -m app.prepare" in stages["cpu"].run
     assert any("model/demo" in c for c in stages["cpu"].copies)
+
+
+# onnxruntime-gpu release -> the CUDA major its PyPI wheel is built for. Add a row only after
+# checking the new wheel (`ldd .../capi/libonnxruntime_providers_cuda.so` names libcublas.so.<major>):
+# 1.31.1 was checked on an H100 on 2026-11-22 (libcublas.so.13, libcudart.so.13).
+ORT_GPU_CUDA_MAJOR = {"1.31": 13}
+
+
+def test_one_cuda_major_everywhere(dockerfile, compose) -> None:
+    """CUDA_MAJOR in the Dockerfile is the source of truth: the onnxruntime-gpu pin is built for it,
+    the base image, torch's CUDA index and the build-time library check follow it, and DEPLOY.md
+    names it with the driver it needs."""
+    args, stages = dockerfile
+    major = int(args["CUDA_MAJOR"])
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    ort_gpu = pins["onnxruntime-gpu"]
+    assert ort_gpu == pins["onnxruntime"], "the CPU and GPU builds of ONNX Runtime are tested as one version"
+    assert ORT_GPU_CUDA_MAJOR[".".join(ort_gpu.split(".")[:2])] == major, ort_gpu
+    image, _, tag = stages["gpu"].base.rpartition(":")
+    assert image == "nvidia/cuda" and tag.startswith(f"{major}.") and "cudnn" in tag, stages["gpu"].base
+    assert re.fullmatch(rf"https://download\.pytorch\.org/whl/cu{major}\d", args["TORCH_CUDA_INDEX_URL"])
+    assert any("--index-url ${TORCH_CUDA_INDEX_URL}" in r for r in stages["gpu"].run)
+    assert any("libcublas.so.${CUDA_MAJOR}" in r and "not found" in r for r in stages["gpu"].run)
+    deploy = (REPO / "docs" / "DEPLOY.md").read_text()
+    assert f"CUDA {major}" in deploy and re.search(r"driver (R|version )?5[89]\d", deploy), "DEPLOY.md: CUDA/driver"
+
+
+def test_gpu_image_defaults_to_auto_precision(dockerfile, compose) -> None:
+    _, stages = dockerfile
+    assert stages["gpu"].env["PRECISION"] == "auto" and stages["gpu"].env["DEVICE"] == "auto"
+    assert compose["services"]["api-gpu"]["environment"]["PRECISION"] == "${PRECISION:-auto}"

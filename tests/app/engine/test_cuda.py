@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from app.engine import loader
+from export.manifest import read_manifest
+from export.verify import FP32_TOL
 
 pytestmark = pytest.mark.cuda
 
@@ -24,7 +26,8 @@ def greedy_batch(runner, prompts, n: int) -> list[list[int]]:
 
 def test_onnxruntime_cuda_with_io_binding_matches_cpu(tmp_path, tiny_lm_dir) -> None:
     cpu = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cpu", cache_dir=tmp_path)
-    gpu = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", cache_dir=tmp_path)
+    gpu = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", precision="fp32",
+                      cache_dir=tmp_path)
     assert gpu.device == "cuda" and gpu.runner.io_binding
     assert gpu.runner.sess.get_providers()[0] == "CUDAExecutionProvider"
     np.testing.assert_allclose(gpu.runner.add([PROMPTS[0]]), cpu.runner.add([PROMPTS[0]]), atol=1e-3)
@@ -38,7 +41,8 @@ def test_onnxruntime_cuda_with_io_binding_matches_cpu(tmp_path, tiny_lm_dir) -> 
 
 
 def test_fp16_on_cuda_agrees_with_fp32(tmp_path, tiny_lm_dir) -> None:
-    fp32 = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", cache_dir=tmp_path)
+    fp32 = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", precision="fp32",
+                       cache_dir=tmp_path)
     fp16 = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", precision="fp16",
                        cache_dir=tmp_path)
     a, b = greedy_batch(fp32.runner, PROMPTS, 8), greedy_batch(fp16.runner, PROMPTS, 8)
@@ -51,7 +55,49 @@ def test_torch_fallback_on_cuda_matches(tmp_path, tiny_lm_dir) -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("torch has no CUDA here")
-    ort_cuda = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", cache_dir=tmp_path)
-    torch_cuda = loader.load("generate", tiny_lm_dir, backend="torch", device="cuda", cache_dir=tmp_path)
+    ort_cuda = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", precision="fp32",
+                           cache_dir=tmp_path)
+    torch_cuda = loader.load("generate", tiny_lm_dir, backend="torch", device="cuda", precision="fp32",
+                             cache_dir=tmp_path)
     assert torch_cuda.device == "cuda"
     assert greedy_batch(torch_cuda.runner, PROMPTS, 16) == greedy_batch(ort_cuda.runner, PROMPTS, 16)
+
+
+def test_fp32_on_cuda_is_fp32_tf32_off_and_parity_within_1e4(tmp_path, tiny_lm_dir, tiny_classifier_dir) -> None:
+    for task, ckpt in (("generate", tiny_lm_dir), ("classify", tiny_classifier_dir)):
+        lo = loader.load(task, ckpt, backend="onnxruntime", device="cuda", precision="fp32", cache_dir=tmp_path)
+        parity = read_manifest(lo.onnx_path.parent)["parity"]
+        assert parity["passed"] and parity["provider"] == "CUDAExecutionProvider", parity
+        assert parity["tf32"] is False
+        worst = max(parity["max_abs_diff_by_output"].values())
+        assert worst <= FP32_TOL * 10, parity  # logits scale the gate by their magnitude (at most ~10 here)
+        options = lo.runner.sess.get_provider_options()["CUDAExecutionProvider"]
+        assert options["use_tf32"] == "0"
+
+
+def test_auto_precision_is_fp16_on_cuda(tmp_path, tiny_lm_dir) -> None:
+    lo = loader.load("generate", tiny_lm_dir, cache_dir=tmp_path)  # BACKEND, DEVICE and PRECISION all auto
+    assert (lo.backend, lo.device, lo.precision, lo.fallback_reason) == ("onnxruntime", "cuda", "fp16", None)
+    assert read_manifest(lo.onnx_path.parent)["precision"] == "fp16"
+
+
+def test_a_default_start_on_cuda_serves_onnxruntime_fp16(tmp_path, tiny_lm_dir, tiny_classifier_dir) -> None:
+    import httpx
+
+    from tests.app.conftest import start_server, stop_server
+
+    env = {"MODEL_PATH": str(tiny_lm_dir), "CLASSIFIER_PATH": str(tiny_classifier_dir),
+           "ONNX_CACHE_DIR": str(tmp_path / "cache")}
+    server = start_server(tmp_path, env)
+    try:
+        info = httpx.get(server.url + "/info", timeout=10).json()
+        for part in ("generation", "classification"):
+            got = info[part]
+            assert (got["backend"], got["device"], got["precision"]) == ("onnxruntime", "cuda", "fp16"), got
+            assert got["fallback_reason"] is None
+        assert info["settings"]["precision"] == "auto"
+        r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["generated_text"]
+    finally:
+        stop_server(server)

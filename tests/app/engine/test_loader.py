@@ -125,3 +125,65 @@ def test_classifier_loads_on_both_backends_with_equal_logits(cache, tiny_classif
     torch_lo = loader.load("classify", tiny_classifier_dir, backend="torch", cache_dir=cache)
     prompts = [[464, 2068, 7586], [1212]]
     np.testing.assert_allclose(ort_lo.runner.classify(prompts), torch_lo.runner.classify(prompts), atol=1e-4)
+
+
+# ---- PRECISION=auto, and a fallback that is one line with the full report beside the cache ----
+def test_auto_precision_is_fp16_on_cuda_and_fp32_on_cpu_and_explicit_wins() -> None:
+    assert loader.resolve_precision("auto", "cuda") == "fp16"
+    assert loader.resolve_precision("auto", "cpu") == "fp32"
+    for explicit in ("fp32", "fp16", "int8"):
+        assert loader.resolve_precision(explicit, "cuda") == explicit
+        assert loader.resolve_precision(explicit, "cpu") == explicit
+
+
+def test_default_load_on_cpu_serves_fp32(cache, tiny_lm_dir) -> None:
+    lo = loader.load("generate", tiny_lm_dir, cache_dir=cache)  # precision defaults to auto
+    assert (lo.device, lo.precision, lo.backend) == ("cpu", "fp32", "onnxruntime")
+    assert read_manifest(lo.onnx_path.parent)["precision"] == "fp32"
+
+
+def test_one_line_keeps_the_first_line_and_bounds_the_length() -> None:
+    assert loader.one_line(ValueError("bad\n  detail 1\n\n detail 2")) == "ValueError: bad (+2 more lines in the log)"
+    assert loader.one_line(RuntimeError("")) == "RuntimeError"
+    long = loader.one_line(RuntimeError("x" * 1000), limit=100)
+    assert len(long) == 100 and long.endswith("...")
+
+
+def test_a_failed_parity_check_falls_back_with_one_line_and_the_full_report_beside_the_cache(
+        nan_lm_dir, tmp_path, caplog) -> None:
+    caplog.set_level("WARNING", logger="app.engine.loader")
+    lo = loader.load("generate", nan_lm_dir, cache_dir=tmp_path)
+    assert lo.backend == "torch"
+    reason = lo.fallback_reason
+    assert "\n" not in reason and len(reason) <= 400, reason
+    assert reason.startswith("ExportFailedError: export parity failed on CPUExecutionProvider (fp32): ")
+    report_path = Path(reason.rsplit("full report: ", 1)[1])
+    assert report_path.parent == tmp_path and report_path.name.endswith(".failed.json")
+    report = json.loads(report_path.read_text())
+    failures = report["manifest"]["parity"]["failures"]
+    assert len(failures) > 1 and all("logits max |diff| nan" in f for f in failures)
+    assert f"{failures[0]} (1 of {len(failures)} failed checks)" in reason
+    assert "FAILED" in report["output"]  # the CLI's summary table, which the log line leaves out
+    # The same one line at WARNING; nothing of the report's bulk in the log.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.endswith(reason) for w in warnings), warnings
+    assert not any(len(w) > 1000 for w in warnings)
+    # No half export was left in the cache: only the report.
+    assert [p.name for p in tmp_path.iterdir()] == [report_path.name]
+    # BACKEND=onnxruntime refuses, with the same line.
+    with pytest.raises(loader.ExportFailedError) as err:
+        loader.load("generate", nan_lm_dir, backend="onnxruntime", cache_dir=tmp_path)
+    assert loader.one_line(err.value) == reason
+
+
+def test_a_failed_export_names_the_childs_last_line_and_a_later_success_removes_the_report(
+        tiny_lm_dir, tmp_path) -> None:
+    with pytest.raises(loader.ExportFailedError, match=r"^export failed \(exit 2\): .*language model") as err:
+        loader.ensure_export(tiny_lm_dir, "classify", "fp32", tmp_path)  # an LM is no classifier
+    assert "language model" in json.loads(err.value.report.read_text())["output"]
+    sha = loader.mf.checkpoint_sha256(tiny_lm_dir)
+    stale = loader.failure_report_path(tmp_path / loader.cache_key(sha, "generate", "fp32", "gqa"))
+    stale.write_text("{}")  # as if an earlier generation export had failed
+    path, hit = loader.ensure_export(tiny_lm_dir, "generate", "fp32", tmp_path)
+    assert not hit and path.parent == stale.with_name(stale.name.removesuffix(".failed.json"))
+    assert not stale.exists()
