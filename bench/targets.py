@@ -405,7 +405,9 @@ async def _closed_loop(client: httpx.AsyncClient, texts: Sequence[str], new: int
     await asyncio.gather(*(worker(i) for i in range(len(texts))))
     tokens = sum(1 for t in traces for x in t.times if x <= deadline)
     gaps = [b - a for t in traces for a, b in pairwise(t.times) if b <= deadline]
-    return {"tok_s": tokens / duration, "requests": len(traces), "itl": _itl(gaps), "short": _short(traces, new)}
+    ttfts = [t.ttft for t in traces if t.times[0] <= deadline]
+    return {"tok_s": tokens / duration, "requests": len(traces), "itl": _itl(gaps), "short": _short(traces, new),
+            "ttft_p50_s": percentile(ttfts, 50)}
 
 
 async def _long_prompt(client: httpx.AsyncClient, texts: Sequence[str], long_text: str, new: int) -> dict[str, Any]:

@@ -127,22 +127,39 @@ class Engine:
                                                f"exceed the model's context of {self.context_length} tokens")
         return GenerationRequest(ids, params or SamplingParams(), max_new_tokens, list(stop or []))
 
-    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """Events as tokens are made; the last carries `finish`. Leaving early cancels the request."""
+    async def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[StreamEvent]]:
+        """Events as tokens are made, in lists: each holds every event that arrived since the last
+        one was taken (one, unless the consumer fell behind), so a slow stream catches up in one
+        write. The last event carries `finish`. Leaving early cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seq = self.scheduler.submit(req, loop, queue)
         try:
             while True:
-                ev = await queue.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if ev.finish is not None:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                failed = next((i for i, ev in enumerate(batch) if isinstance(ev, BaseException)), None)
+                if failed is not None:
+                    if failed:
+                        yield batch[:failed]
+                    raise batch[failed]
+                yield batch
+                if batch[-1].finish is not None:
                     return
         finally:
             if not seq.finished:
                 self.scheduler.cancel(seq)
+
+    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Events as tokens are made, one at a time; the last carries `finish`."""
+        batches = self.generate_batches(req)
+        try:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
+        finally:
+            await batches.aclose()
 
     async def generate(self, req: GenerationRequest) -> Finish:
         async for ev in self.generate_stream(req):

@@ -13,8 +13,9 @@ Each iteration of the worker:
      `max_batch_prefill_tokens` (rows x longest prompt) in one call,
   5. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
 New requests therefore join between decode steps and finished ones leave at once. Events reach
-each request's asyncio queue through `loop.call_soon_threadsafe`; the event loop never runs a
-model step.
+each request's asyncio queue through `loop.call_soon_threadsafe`, once per iteration for all the
+tokens that iteration made (one wake-up of the event loop per step, not one per token); the
+event loop never runs a model step.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill
-from app.engine.sampling import Sampler, SamplingParams
+from app.engine.sampling import Sampler, SamplingParams, greedy_rows
 from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,14 @@ class _Seq:
         self.last_token = -1
         self.budget = len(req.prompt_ids) + req.max_new_tokens
 
-    def accept(self, logits_row: np.ndarray, context_limit: int) -> None:
-        """Sample the next token from `logits_row`, emit it, and decide whether we are done."""
-        token_id, logprob = self.sampler(logits_row)
+    def accept(self, logits_row: np.ndarray, context_limit: int, chosen: tuple[int, float] | None = None) -> None:
+        """Sample the next token from `logits_row` (or take `chosen`, picked for the whole batch at
+        once), emit it, and decide whether we are done."""
+        if chosen is None:
+            token_id, logprob = self.sampler(logits_row)
+        else:
+            token_id, logprob = chosen
+            self.sampler.record(token_id)
         self.last_token = token_id
         special = token_id in self.tokenizer.special_ids
         delta = self.decoder.push(token_id)
@@ -123,10 +129,12 @@ class _Seq:
 
     def fail(self, exc: BaseException) -> None:
         self.finished = True
-        try:
-            self.emit(exc)
-        except RuntimeError:  # the event loop is closed (shutdown): nobody is waiting any more
-            logger.debug("could not deliver a failure: event loop closed")
+        self.emit(exc)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
 
 
 @dataclass
@@ -159,6 +167,8 @@ class Scheduler:
         self._chunked: tuple[_Seq, PendingPrefill] | None = None  # the prompt being prefilled in chunks
         self._classify: deque[_Classify] = deque()
         self._active: list[_Seq] = []
+        # Events made during one iteration, delivered together by `_flush` (worker thread only).
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = []
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
@@ -186,7 +196,7 @@ class Scheduler:
                queue: asyncio.Queue) -> _Seq:
         if self.runner is None or self.tokenizer is None:
             raise RuntimeError("no generation model is loaded")
-        seq = _Seq(req, self.tokenizer, self.eos_id, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        seq = _Seq(req, self.tokenizer, self.eos_id, lambda ev: self._outbox.append((loop, queue, ev)))
         with self._cond:
             self._queue.append(seq)
             self._cond.notify()
@@ -225,6 +235,7 @@ class Scheduler:
                 except Exception as e:  # a failed step fails the batch's requests, never the worker
                     logger.exception("engine step failed")
                     self._fail_batch(e)
+                self._flush()
         finally:  # stopped, or (a bug) the worker itself died: nobody may wait forever
             waiting = [self._chunked[0]] if self._chunked else []
             with self._cond:
@@ -232,6 +243,21 @@ class Scheduler:
                 self._queue.clear()
             for s in self._active + waiting + list(self._prefilling) + queued:
                 s.fail(RuntimeError("engine stopped"))
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their event loops: one call per loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for loop, queue, ev in self._outbox:
+            by_loop.setdefault(loop, []).append((queue, ev))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed (shutdown): nobody is waiting any more
+                logger.debug("could not deliver %d event(s): event loop closed", len(items))
 
     def _fail_batch(self, exc: Exception) -> None:
         for s in self._active + ([self._chunked[0]] if self._chunked else []):
@@ -276,8 +302,7 @@ class Scheduler:
         new = self._prefill()
         if self._active:
             logits = self.runner.step([s.last_token for s in self._active])
-            for s, row in zip(self._active, logits, strict=True):
-                s.accept(row, self.context_limit)
+            self._accept(self._active, logits)
             self._drop(lambda s: s.finished or s.cancelled)
         if self.on_step:
             self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": new,
@@ -347,10 +372,21 @@ class Scheduler:
     def _join(self, seqs: list[_Seq], logits: np.ndarray) -> int:
         """Rows just appended to the runner's batch: emit their first tokens."""
         self._active.extend(seqs)
-        for s, row in zip(seqs, logits, strict=True):
-            s.accept(row, self.context_limit)
+        self._accept(seqs, logits)
         self._drop(lambda s: s.finished or s.cancelled)
         return len(seqs)
+
+    def _accept(self, seqs: list[_Seq], logits: np.ndarray) -> None:
+        """Each row's next token: the plain greedy rows in one batched call, the rest one by one."""
+        if len(seqs) != len(logits):
+            raise RuntimeError(f"runner returned {len(logits)} rows of logits for {len(seqs)} sequences")
+        fast = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
+        chosen: dict[int, tuple[int, float]] = {}
+        if fast:
+            tokens, logprobs = greedy_rows(logits if len(fast) == len(seqs) else logits[fast])
+            chosen = {i: (int(t), float(lp)) for i, t, lp in zip(fast, tokens, logprobs, strict=True)}
+        for i, (s, row) in enumerate(zip(seqs, logits, strict=True)):
+            s.accept(row, self.context_limit, chosen.get(i))
 
     def _run_classify(self, jobs: Sequence[_Classify]) -> None:
         flat = [p for j in jobs for p in j.prompts]

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from app.schemas import StreamResponse
 from tests.app.conftest import Server, base_env, start_server, stop_server, wait_healthy
 from tests.conftest import make_hf_checkpoint
 
@@ -68,6 +69,8 @@ def test_stream_final_text_equals_generate(server) -> None:
     assert events[-1]["generated_text"] == plain
     assert events[-1]["details"]["finish_reason"] == "length"
     assert "".join(e["token"]["text"] for e in events) == plain
+    for e in events:  # the hand-built events are exactly the documented StreamResponse
+        assert StreamResponse.model_validate(e).model_dump() == e
 
 
 def test_seeded_sampling_is_reproducible_over_http(server) -> None:

@@ -232,6 +232,38 @@ def test_runner_failure_fails_its_requests_and_the_engine_keeps_serving(engine) 
     assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
 
 
+def test_a_slow_consumer_gets_the_ready_events_together_then_the_failure(engine) -> None:
+    """Events that wait in a request's queue come out in one batch (one SSE write); a failure
+    behind them comes after them, never instead of them."""
+    runner = engine.generation.runner
+    original = runner.step
+    calls = {"n": 0}
+
+    def fails_third(tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device fault")
+        return original(tokens)
+
+    async def go() -> list[list[int]]:
+        batches = engine.generate_batches(engine.prepare(PROMPTS[0], 10))
+        got = [[e.index for e in await batches.__anext__()]]  # the prefill's token (maybe a step's too)
+        await asyncio.sleep(1.0)  # the steps and the failing third run while nobody reads
+        with pytest.raises(RuntimeError, match="simulated device fault"):
+            async for batch in batches:
+                got.append([e.index for e in batch])
+        return got
+
+    runner.step = fails_third
+    try:
+        got = run(go())
+    finally:
+        runner.step = original
+    assert [i for batch in got for i in batch] == [0, 1, 2]  # every token made before the failure
+    assert len(got) <= 2  # what queued during the sleep came out as one batch
+    assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
+
+
 def test_a_failed_prefill_fails_its_requests_instead_of_hanging(engine) -> None:
     runner = engine.generation.runner
     original = runner.add

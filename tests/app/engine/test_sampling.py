@@ -16,6 +16,7 @@ from app.engine.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     choose,
+    greedy_rows,
     top_k_mask,
     top_p_mask,
 )
@@ -168,3 +169,13 @@ def test_extreme_repetition_penalties_stay_finite(logits, penalty) -> None:
         assert 0 <= token < V and not np.isnan(lp)
         if penalty < 1e-30:
             assert token in (3, 40)
+
+
+def test_batched_greedy_rows_are_bitwise_the_per_row_choice() -> None:
+    rows = np.random.default_rng(1).normal(0, 3, size=(7, V)).astype(np.float32)
+    rows[3, [5, 9]] = rows[3].max() + 1  # a tie: the lower index wins, as np.argmax does
+    tokens, logprobs = greedy_rows(rows)
+    rng = np.random.default_rng(0)
+    for row, t, lp in zip(rows, tokens, logprobs, strict=True):
+        assert (int(t), float(lp)) == choose(row, SamplingParams(), set(), rng)
+    assert int(tokens[3]) == 5
