@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
+	# The official TGI client, pinned in constraints.txt. --no-deps: its metadata caps huggingface-hub
+	# below 1.0, which transformers 5 excludes; its real runtime needs (aiohttp, pydantic, requests) are in dev.
+	$(BIN)/pip install -q -c constraints.txt --no-deps text-generation
 	touch $@
 
 test: install

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from app.api.deps import ServiceState, check_api_key
 from app.api.routes import classify, generate, health, openai, tokenize
 from app.core.config import Settings, get_settings
-from app.core.errors import UnauthorizedError, envelope, error_type_for, install_error_handlers
+from app.core.errors import UnauthorizedError, error_response, error_type_for, install_error_handlers
 from app.engine.engine import Engine
 from app.engine.loader import LoadCancelledError
 
@@ -119,7 +119,7 @@ class RequestContextMiddleware:
             await send(message)
 
         async def reply(code: int, error_type: str, msg: str) -> None:
-            await envelope(code, error_type, msg)(scope, receive, send_with_id)
+            await error_response(path, code, error_type, msg)(scope, receive, send_with_id)
 
         try:
             if s.api_key and path not in PUBLIC_PATHS:

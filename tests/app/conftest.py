@@ -84,3 +84,15 @@ def server(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> It
     srv = start_server(tmp_path_factory.mktemp("srv"), base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache))
     yield srv
     stop_server(srv)
+
+
+API_KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> Iterator[Server]:
+    """One real server with `API_KEY` set, shared by the official-client and browser tests."""
+    srv = start_server(tmp_path_factory.mktemp("keyed"),
+                       base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache, API_KEY=API_KEY))
+    yield srv
+    stop_server(srv)
