@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server bench-levers bench-targets \
-	bench-single bench-concurrency bench-ttft bench-startup
+	bench-single bench-concurrency bench-ttft bench-startup bench-aiperf-venv bench-aiperf
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,33 @@ bench-server: install
 bench-levers: install
 	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
 	$(BIN)/python -m bench.levers
+
+# Issue 14: NVIDIA's AIPerf, a standard LLM serving benchmark, in its own venv (its dependencies are
+# not ours), run unchanged against /v1/completions. See README "Load test and benchmarks".
+AIPERF_VENV := bench/.venv-aiperf
+AIPERF_VERSION := 0.13.0
+bench-aiperf-venv: $(AIPERF_VENV)/.installed
+
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q torch==2.13.0
+	$(AIPERF_VENV)/bin/pip install -q 'aiperf==$(AIPERF_VERSION)'
+	touch $@
+
+# Against a running server (make serve): streamed /v1/completions, greedy, loadtest's prompts, the demo
+# tokenizer from model/demo/lm (nothing from the Hugging Face hub). Override e.g. URL=... CONCURRENCY=...
+URL ?= http://127.0.0.1:8000
+MODEL ?= lm
+CONCURRENCY ?= 8
+REQUESTS ?= 200
+MAX_TOKENS ?= 32
+bench-aiperf: install bench-aiperf-venv
+	$(BIN)/python -m bench.aiperf_prompts bench/results/aiperf/prompts.jsonl
+	$(AIPERF_VENV)/bin/aiperf profile --url $(URL) --endpoint-type completions --streaming --model $(MODEL) \
+		--tokenizer model/demo/lm --input-file bench/results/aiperf/prompts.jsonl --custom-dataset-type single_turn \
+		--concurrency $(CONCURRENCY) --request-count $(REQUESTS) --output-tokens-mean $(MAX_TOKENS) \
+		--extra-inputs temperature:0 --use-server-token-count --random-seed 0 --ui-type simple --no-gpu-telemetry \
+		--artifact-dir bench/results/aiperf $(if $(API_KEY),--api-key $(API_KEY))
 
 bench-single bench-concurrency bench-ttft bench-startup: install
 	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,bench]'
