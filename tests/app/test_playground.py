@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "playground.png"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs the Debian packages `chromium` and `chromium-driver` (apt-get install chromium chromium-driver)")
 
@@ -52,6 +52,7 @@ def test_page_is_static_public_and_self_contained(keyed_server: Server) -> None:
     assert httpx.get(keyed_server.url + "/info").status_code == 401
 
 
+@needs_chromium
 def test_playground_streams_tokens_and_classifies(browser, keyed_server: Server) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
