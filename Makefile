@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ORT ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 
 .PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server bench-levers bench-targets \
-	bench-single bench-concurrency bench-ttft bench-startup
+	bench-single bench-concurrency bench-ttft bench-startup bench-aiperf-venv bench-aiperf
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev]'
+	# The official TGI client, pinned in constraints.txt. --no-deps: its metadata caps huggingface-hub
+	# below 1.0, which transformers 5 excludes; its real runtime needs (aiohttp, pydantic, requests) are in dev.
+	$(BIN)/pip install -q -c constraints.txt --no-deps text-generation
 	touch $@
 
 test: install
@@ -57,6 +60,33 @@ bench-server: install
 bench-levers: install
 	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev,bench]'
 	$(BIN)/python -m bench.levers
+
+# Issue 14: NVIDIA's AIPerf, a standard LLM serving benchmark, in its own venv (its dependencies are
+# not ours), run unchanged against /v1/completions. See README "Load test and benchmarks".
+AIPERF_VENV := bench/.venv-aiperf
+AIPERF_VERSION := 0.13.0
+bench-aiperf-venv: $(AIPERF_VENV)/.installed
+
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install -q torch==2.13.0
+	$(AIPERF_VENV)/bin/pip install -q 'aiperf==$(AIPERF_VERSION)'
+	touch $@
+
+# Against a running server (make serve): streamed /v1/completions, greedy, loadtest's prompts, the demo
+# tokenizer from model/demo/lm (nothing from the Hugging Face hub). Override e.g. URL=... CONCURRENCY=...
+URL ?= http://127.0.0.1:8000
+MODEL ?= lm
+CONCURRENCY ?= 8
+REQUESTS ?= 200
+MAX_TOKENS ?= 32
+bench-aiperf: install bench-aiperf-venv
+	$(BIN)/python -m bench.aiperf_prompts bench/results/aiperf/prompts.jsonl
+	$(AIPERF_VENV)/bin/aiperf profile --url $(URL) --endpoint-type completions --streaming --model $(MODEL) \
+		--tokenizer model/demo/lm --input-file bench/results/aiperf/prompts.jsonl --custom-dataset-type single_turn \
+		--concurrency $(CONCURRENCY) --request-count $(REQUESTS) --output-tokens-mean $(MAX_TOKENS) \
+		--extra-inputs temperature:0 --use-server-token-count --random-seed 0 --ui-type simple --no-gpu-telemetry \
+		--artifact-dir bench/results/aiperf $(if $(API_KEY),--api-key $(API_KEY))
 
 bench-single bench-concurrency bench-ttft bench-startup: install
 	$(BIN)/pip install -q -c constraints.txt -e '.[$(ORT),dev,bench]'

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.api.deps import ServiceState, check_api_key
-from app.api.routes import classify, generate, health, openai, tokenize
+from app.api.routes import classify, generate, health, openai, playground, tokenize
 from app.core.config import Settings, get_settings
-from app.core.errors import UnauthorizedError, envelope, error_type_for, install_error_handlers
+from app.core.errors import UnauthorizedError, error_response, error_type_for, install_error_handlers
 from app.engine.engine import Engine
 from app.engine.loader import LoadCancelledError, one_line
 
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
 
 PUBLIC_PATHS = {"/health", "/metrics"}
+# The playground page itself is public (it asks for the key and sends it); `POST /` is not.
+PUBLIC_GETS = {"/"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -119,10 +121,11 @@ class RequestContextMiddleware:
             await send(message)
 
         async def reply(code: int, error_type: str, msg: str) -> None:
-            await envelope(code, error_type, msg)(scope, receive, send_with_id)
+            await error_response(path, code, error_type, msg)(scope, receive, send_with_id)
 
         try:
-            if s.api_key and path not in PUBLIC_PATHS:
+            public = path in PUBLIC_PATHS or (path in PUBLIC_GETS and scope.get("method") in ("GET", "HEAD"))
+            if s.api_key and not public:
                 try:
                     check_api_key(headers.get("authorization"), s.api_key)
                 except UnauthorizedError as e:
@@ -193,7 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = ServiceState(settings=settings)
     app.state.service = state
     install_error_handlers(app)
-    for module in (generate, classify, openai, tokenize, health):
+    for module in (generate, classify, openai, tokenize, health, playground):
         app.include_router(module.router)
     # Metric labels use known paths only; the OpenAPI schema is the public list of them.
     state.route_paths = set(app.openapi()["paths"]) | {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}

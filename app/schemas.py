@@ -6,9 +6,10 @@ silently ignored option) and use strict types (`"5"` is not a number).
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 64
@@ -25,6 +26,28 @@ class ErrorResponse(BaseModel):
     error_type: ErrorType
 
 
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, requests (429) or server_error")
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error body on `/v1/*` (OpenAI's and vLLM's)."""
+
+    error: OpenAIError
+
+
+# TGI parameters this server does not implement, with the value that means "off". The official
+# `text-generation` client sends every one of them on every request, so they are accepted at that
+# value; any other value is a 422 naming the parameter, never silently ignored.
+UNSUPPORTED_TGI_PARAMETERS: dict[str, Any] = {
+    "best_of": 1, "frequency_penalty": None, "truncate": None, "typical_p": None, "watermark": False,
+    "top_n_tokens": None, "grammar": None, "adapter_id": None,
+}
+
+
 class GenerateParameters(_Request):
     max_new_tokens: int = Field(20, ge=1, description="tokens to generate at most")
     do_sample: bool = False
@@ -36,6 +59,26 @@ class GenerateParameters(_Request):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     return_full_text: bool = False
     details: bool = False
+    decoder_input_details: bool = Field(False, description="prompt tokens in `details.prefill` (ids and text; "
+                                                           "no logprobs). Not with streaming")
+    # Accepted only at their "off" value (see UNSUPPORTED_TGI_PARAMETERS).
+    best_of: int | None = Field(None, description="not supported: only null or 1")
+    frequency_penalty: float | None = Field(None, description="not supported: only null")
+    truncate: int | None = Field(None, description="not supported: only null")
+    typical_p: float | None = Field(None, description="not supported: only null")
+    watermark: bool = Field(False, description="not supported: only false")
+    top_n_tokens: int | None = Field(None, description="not supported: only null")
+    grammar: dict | None = Field(None, description="not supported: only null")
+    adapter_id: str | None = Field(None, description="not supported: only null")
+
+    @field_validator(*UNSUPPORTED_TGI_PARAMETERS)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        off = UNSUPPORTED_TGI_PARAMETERS[info.field_name]
+        if v is not None and v != off:
+            raise ValueError(f"the TGI parameter {info.field_name} is not supported by this server "
+                             f"(send null{' or ' + json.dumps(off) if off is not None else ''} or leave it out)")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -51,7 +94,8 @@ class GenerateParameters(_Request):
 class GenerateRequest(_Request):
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = False  # accepted for TGI compatibility on /generate_stream; ignored on /generate
+    stream: bool = Field(False, description="on `POST /` (TGI's compat route): true streams as /generate_stream; "
+                                            "ignored by /generate and /generate_stream")
 
 
 class PrefillToken(BaseModel):
@@ -126,6 +170,10 @@ class TokenSpan(BaseModel):
     stop: int
 
 
+class StreamOptions(_Request):
+    include_usage: bool = Field(False, description="the usage chunk before [DONE]; this server always sends it")
+
+
 class CompletionRequest(_Request):
     model: str | None = None
     prompt: str | list[str]
@@ -134,9 +182,17 @@ class CompletionRequest(_Request):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     user: str | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return v
 
     @field_validator("prompt")
     @classmethod

@@ -1,8 +1,16 @@
-"""Every error the service returns, mapped to a status code and the one envelope, in one place.
+"""Every error the service returns, mapped to a status code and its envelope, in one place.
+
+Everywhere but `/v1/*` (TGI's envelope, which the `text-generation` client parses):
 
     {"error": str, "error_type": "validation" | "overloaded" | "generation" | "unavailable" |
                                  "not_found" | "unauthorized"}
-A 500 never carries a traceback: it names the request id, and the log holds the rest.
+
+On `/v1/*` (OpenAI's envelope and status codes, which the `openai` SDK maps to its exceptions):
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+
+where bad input is 400 `invalid_request_error` (not 422), and 401, 404, 413, 429, 500 and 503 keep
+their status. A 500 never carries a traceback: it names the request id, and the log holds the rest.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ class ServiceError(Exception):
     status_code = 500
     error_type = "generation"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, when there is one (OpenAI's `param`)
 
 
 class OverloadedError(ServiceError):
@@ -72,6 +81,52 @@ def envelope(status: int, error_type: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
 
 
+# ---- OpenAI's envelope on /v1/* ---------------------------------------------------------------
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+# Our status -> (OpenAI status, type, code). 422 (bad input) is OpenAI's and vLLM's 400.
+_OPENAI: dict[int, tuple[int, str, str | None]] = {
+    401: (401, "invalid_request_error", "invalid_api_key"),
+    404: (404, "invalid_request_error", None),
+    405: (405, "invalid_request_error", None),
+    413: (413, "invalid_request_error", "request_too_large"),
+    422: (400, "invalid_request_error", None),
+    429: (429, "requests", "rate_limit_exceeded"),
+    503: (503, "server_error", "service_unavailable"),
+}
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> tuple[int, dict]:
+    """(status, body) of OpenAI's error envelope for one of our (TGI-side) statuses."""
+    out_status, type_, code = _OPENAI.get(status, (status, "invalid_request_error" if status < 500 else "server_error",
+                                                   None))
+    if status == 404 and param == "model":
+        code = "model_not_found"
+    return out_status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(path: str, status: int, error_type: str, message: str, headers: dict[str, str] | None = None,
+                   param: str | None = None) -> JSONResponse:
+    """The error response for `path`: OpenAI's envelope on /v1/*, TGI's everywhere else."""
+    if status == 429:  # immediate (no queue): tell well-behaved clients when to come back
+        headers = {"Retry-After": "1", **(headers or {})}
+    if is_openai_path(path):
+        out_status, body = openai_error(status, message, param)
+        return JSONResponse(body, status_code=out_status, headers=headers)
+    return envelope(status, error_type, message, headers)
+
+
+def stream_error(path: str, exc: BaseException) -> dict:
+    """The in-band error event of a stream that has started (status 200 already sent)."""
+    status, error_type, message = classify_exception(exc)
+    if is_openai_path(path):
+        return openai_error(status, message, exception_param(exc))[1]
+    return {"error": message, "error_type": error_type}
+
+
 def classify_exception(exc: BaseException) -> tuple[int, str, str]:
     """(status, error_type, message) for any exception; used by handlers and the SSE stream."""
     if isinstance(exc, ServiceError):
@@ -83,7 +138,15 @@ def classify_exception(exc: BaseException) -> tuple[int, str, str]:
     return 500, "generation", "internal error"
 
 
-def validation_message(exc: RequestValidationError) -> str:
+def exception_param(exc: BaseException) -> str | None:
+    """The request field an exception names, if any."""
+    if isinstance(exc, InputError):
+        return exc.field
+    return getattr(exc, "param", None) if isinstance(exc, ServiceError) else None
+
+
+def validation_errors(exc: RequestValidationError) -> list[tuple[str, str]]:
+    """(field, message) per validation error; field is dotted (`parameters.top_k`) or `body`."""
     parts = []
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
@@ -95,14 +158,20 @@ def validation_message(exc: RequestValidationError) -> str:
             msg = "unknown field"
         elif err.get("type") == "missing":
             msg = "field required"
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts) or "invalid request"
+        parts.append((field, msg))
+    return parts
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    return "; ".join(f"{field}: {msg}" for field, msg in validation_errors(exc)) or "invalid request"
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return envelope(422, "validation", validation_message(exc))
+        errors = validation_errors(exc)
+        param = errors[0][0] if errors and errors[0][0] != "body" else None
+        return error_response(request.url.path, 422, "validation", validation_message(exc), param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -112,7 +181,7 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             detail = f"method {request.method} not allowed on {request.url.path}"
-        return envelope(exc.status_code, error_type, detail, getattr(exc, "headers", None))
+        return error_response(request.url.path, exc.status_code, error_type, detail, getattr(exc, "headers", None))
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         status, error_type, message = classify_exception(exc)
@@ -120,8 +189,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if status == 500:
             logger.error("request %s failed", rid, exc_info=exc)
             message = f"{message} (request id {rid})"
-        # A 429 is immediate (no queue): tell well-behaved clients when to come back.
-        return envelope(status, error_type, message, {"Retry-After": "1"} if status == 429 else None)
+        return error_response(request.url.path, status, error_type, message, param=exception_param(exc))
 
     for cls in (ServiceError, InputError, EngineUnavailableError, Exception):
         app.add_exception_handler(cls, _known)

@@ -99,3 +99,15 @@ def nan_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weights["transformer.ln_f.bias"][0] = float("nan")
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+API_KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> Iterator[Server]:
+    """One real server with `API_KEY` set, shared by the official-client and browser tests."""
+    srv = start_server(tmp_path_factory.mktemp("keyed"),
+                       base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache, API_KEY=API_KEY))
+    yield srv
+    stop_server(srv)

@@ -71,15 +71,18 @@ def test_internal_error_is_500_without_traceback_and_serving_goes_on(settings) -
         assert client.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
-def test_api_key_guards_all_but_health_and_metrics(settings) -> None:
+def test_api_key_guards_all_but_health_metrics_and_the_playground_page(settings) -> None:
     app = create_app(settings.model_copy(update={"api_key": "k"}))
     with TestClient(app) as client:
         wait_ready(client)
         assert client.get("/metrics").status_code == 200
-        for method, path in (("post", "/generate"), ("post", "/classify"), ("get", "/info"), ("get", "/v1/models"),
+        for method, path in (("post", "/generate"), ("post", "/classify"), ("get", "/info"), ("post", "/"),
                              ("post", "/tokenize"), ("get", "/openapi.json")):
             r = client.post(path, json={"inputs": "x"}) if method == "post" else client.get(path)
             assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", path
+        r = client.get("/v1/models")  # OpenAI's envelope on /v1/*
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/").status_code == 200  # the playground page asks for the key itself
         ok = client.post("/tokenize", json={"inputs": "x"}, headers={"Authorization": "bearer k"})
         assert ok.status_code == 200
 

@@ -188,13 +188,17 @@ def test_other_routes_validate_too(server) -> None:
     r = post(server, "/classify", {"inputs": "word" + " word" * 70})
     assert r.status_code == 422 and "limit of 64" in r.json()["error"]
     assert post(server, "/classify", {"inputs": "word" + " word" * 70, "truncate": True}).status_code == 200
-    assert "n" in post(server, "/v1/completions", {"prompt": "x", "n": 2}).json()["error"]
+    # /v1/* answers bad input as OpenAI does: 400 and OpenAI's envelope naming the field.
+    r = post(server, "/v1/completions", {"prompt": "x", "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = post(server, "/v1/completions", {"prompt": "word" + " word" * 70})
-    assert r.status_code == 422 and r.json()["error"].startswith("prompt: 71 tokens exceed MAX_INPUT_TOKENS")
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: 71 tokens exceed MAX_INPUT_TOKENS")
     r = post(server, "/v1/completions", {"prompt": ["ok", "word" + " word" * 70]})
-    assert r.json()["error"].startswith("prompt[1]: ")
+    assert r.json()["error"]["message"].startswith("prompt[1]: ") and r.json()["error"]["param"] == "prompt[1]"
     r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 500})
-    assert r.status_code == 422 and r.json()["error"].startswith("max_tokens: ")
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "max_tokens: prompt (1 tokens) + max_tokens (500) exceed MAX_TOTAL_TOKENS (120)",
+        "type": "invalid_request_error", "param": "max_tokens", "code": None}
     assert post(server, "/tokenize", {"inputs": ""}).status_code == 422
 
 

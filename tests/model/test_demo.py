@@ -16,7 +16,14 @@ import torch
 
 from model.checkpoint import load_pretrained
 from model.tokenizer import GPT2Tokenizer
-from model.train_demo import FortunesMissingError, main, read_fortunes, split_fortunes
+from model.train_demo import (
+    CLASSIFIER_CATEGORIES,
+    FORTUNES_DIR,
+    FortunesMissingError,
+    main,
+    read_fortunes,
+    split_fortunes,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "model" / "demo"
@@ -24,6 +31,11 @@ LM_DIR, CLS_DIR = DEMO / "lm", DEMO / "classifier"
 FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
 MAX_BYTES = 40 * 10**6
 EOS = 50256
+# A small corpus in the `fortunes` format that ships with the tests, so training runs without the package.
+CORPUS = Path(__file__).resolve().parent / "data" / "fortunes"
+needs_fortunes = pytest.mark.skipif(not FORTUNES_DIR.is_dir(),
+                                    reason=f"needs the Debian package `fortunes` ({FORTUNES_DIR} not found; "
+                                           "apt-get install fortunes)")
 
 SENTENCES = [
     "The computer is down again, so we went out for lunch.",
@@ -131,21 +143,33 @@ def test_read_fortunes_missing_says_how_to_install(tmp_path: Path) -> None:
     assert main(["--fortunes-dir", str(tmp_path / "no-such-dir"), "--out", str(tmp_path / "out")]) == 2
 
 
-def test_split_is_deterministic_and_disjoint() -> None:
-    fortunes = read_fortunes()
+def test_shipped_corpus_reads_every_classifier_category() -> None:
+    fortunes = read_fortunes(CORPUS)
+    assert sorted({f.category for f in fortunes}) == sorted(CLASSIFIER_CATEGORIES)
+    assert len(fortunes) == 12 * len(CLASSIFIER_CATEGORIES)
+    assert fortunes[0].text == "The compiler found no errors, which worried everyone."
+    assert all("%" not in f.text and f.text == f.text.strip() for f in fortunes)
+
+
+@pytest.mark.parametrize("directory", [
+    pytest.param(CORPUS, id="shipped-corpus"),
+    pytest.param(FORTUNES_DIR, id="debian-fortunes", marks=needs_fortunes),
+])
+def test_split_is_deterministic_and_disjoint(directory: Path) -> None:
+    fortunes = read_fortunes(directory)
     train, heldout = split_fortunes(fortunes)
     assert len(train) + len(heldout) == len(fortunes)
-    assert {f.text for f in train}.isdisjoint(f.text for f in heldout)
+    assert heldout and {f.text for f in train}.isdisjoint(f.text for f in heldout)
     assert all(f.index % 10 == 9 for f in heldout)
-    assert split_fortunes(read_fortunes()) == (train, heldout)
+    assert split_fortunes(read_fortunes(directory)) == (train, heldout)
 
 
 @pytest.mark.slow
 def test_training_script_smoke(tmp_path: Path) -> None:
     """Tiny shapes, 3 steps per model: the script runs end to end and its folders load in both stacks."""
     out = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "model.train_demo", "--smoke", "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run([sys.executable, "-m", "model.train_demo", "--smoke", "--fortunes-dir", str(CORPUS),
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     for name, cls_name in (("lm", "GPT2LMHeadModel"), ("classifier", "GPT2ForSequenceClassification")):
         assert {p.name for p in (out / name).iterdir()} == FILES
@@ -153,4 +177,5 @@ def test_training_script_smoke(tmp_path: Path) -> None:
         _hf_load(cls_name, out / name)
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["lm"]["perplexity"] > 0 and 0 <= metrics["classifier"]["accuracy"] <= 1
+    assert metrics["data"]["categories"] == sorted(CLASSIFIER_CATEGORIES) and metrics["data"]["fortunes"] == 72
     assert "python -m model.train_demo --smoke" in (out / "README.md").read_text(encoding="utf-8")

@@ -1,4 +1,6 @@
-"""TGI-compatible `/generate` and `/generate_stream`."""
+"""TGI-compatible `/generate`, `/generate_stream` and `POST /` (TGI's compat route, which the official
+`text-generation` client posts to: its `stream` flag picks one of the other two; a non-streamed
+answer comes as a one-element list, as TGI sends it)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ServiceState, StateDep
-from app.core.errors import ClientDisconnectedError, classify_exception
+from app.core.errors import ClientDisconnectedError, classify_exception, stream_error
+from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Finish, GenerationRequest, StreamEvent
 from app.schemas import (
@@ -142,10 +145,15 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
     return GenerateResponse(generated_text=text, details=details)
 
 
-@router.post("/generate_stream", responses=ERRORS | {200: {"content": {"text/event-stream": {}},
-                                                             "description": "one `data:` JSON event per token"}})
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "one `data:` JSON event per token"}}
+
+
+@router.post("/generate_stream", responses=ERRORS | STREAM_RESPONSES)
 async def generate_stream(body: GenerateRequest, request: Request, state: StateDep) -> SSEResponse:
     """Server-Sent Events, one per token; the last carries `generated_text` and `details`."""
+    if body.parameters.decoder_input_details:
+        raise InputError("parameters.decoder_input_details", "true is not supported when streaming tokens")
     state.acquire()
     try:
         req = prepare(state, body)
@@ -182,9 +190,19 @@ async def _sse(state: ServiceState, request: Request, req: GenerationRequest, pr
                 tracker.finish(batch[-1].finish)
             yield "".join(sse_event(ev, prefix) for ev in batch)  # one write for all that is ready
     except Exception as exc:  # the stream has started: report in-band, as TGI does
-        status, error_type, message = classify_exception(exc)
+        _, error_type, _ = classify_exception(exc)
         logger.error("stream %s failed", getattr(request.state, "request_id", "-"), exc_info=exc)
         state.metrics.failures.labels(error_type).inc()
-        yield f"data: {json.dumps({'error': message, 'error_type': error_type})}\n\n"
+        yield f"data: {json.dumps(stream_error(request.url.path, exc))}\n\n"
     finally:
         state.release()
+
+
+@router.post("/", response_model=list[GenerateResponse], response_model_exclude_unset=True,
+             responses=ERRORS | STREAM_RESPONSES)
+async def compat_generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
+    """TGI's compat route: `stream: true` answers as `/generate_stream`, otherwise as `/generate` but
+    wrapped in a one-element list (what TGI and the `text-generation` client exchange)."""
+    if body.stream:
+        return await generate_stream(body, request, state)
+    return [await generate(body, request, state)]

@@ -17,15 +17,28 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from app.api.deps import ServiceState, StateDep
-from app.api.routes.generate import ERRORS, SSEResponse, Tracker, run_generation, until_disconnect
-from app.core.errors import NotFoundError, classify_exception
+from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
+from app.core.errors import NotFoundError, stream_error
 from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Finish, GenerationRequest
-from app.schemas import CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage
+from app.schemas import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    OpenAIErrorResponse,
+    Usage,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
+
+# OpenAI's envelope and codes (app.core.errors): bad input is 400, not 422.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)
+}
 
 
 def model_id(state: ServiceState) -> str:
@@ -55,7 +68,7 @@ def _text_and_reason(finish: Finish, stops: list[str]) -> tuple[str, str]:
     return text, "length" if finish.reason == "length" else "stop"
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses={k: ERRORS[k] for k in (401, 503)})
 async def models(state: StateDep) -> ModelList:
     """The served generation model."""
     return ModelList(data=[ModelCard(id=model_id(state), created=int(state.started))])
@@ -65,7 +78,8 @@ async def models(state: StateDep) -> ModelList:
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Any:
     """Text completion for one prompt or a list (one choice each)."""
     if body.model is not None and body.model != model_id(state):
-        raise NotFoundError(f"model: {body.model!r} is not served here; this server serves {model_id(state)!r}")
+        raise NotFoundError(f"model: {body.model!r} is not served here; this server serves {model_id(state)!r}",
+                            param="model")
     state.acquire()
     try:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -77,7 +91,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
             except InputError as e:  # name the field as this API spells it
                 field = {"inputs": "prompt" if len(prompts) == 1 else f"prompt[{i}]",
                          "max_new_tokens": "max_tokens"}.get(e.field, e.field)
-                raise InputError(field, str(e).split(": ", 1)[1]) from e
+                message = str(e).split(": ", 1)[1].replace("inputs (", "prompt (")
+                message = message.replace("max_new_tokens", "max_tokens")
+                raise InputError(field, message) from e
     except BaseException:
         state.release()
         raise
@@ -144,8 +160,7 @@ async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRe
         while done < len(reqs):
             i, ev = await queue.get()
             if isinstance(ev, Exception):
-                _, error_type, message = classify_exception(ev)
-                yield f"data: {json.dumps({'error': message, 'error_type': error_type})}\n\n"
+                yield f"data: {json.dumps(stream_error(request.url.path, ev))}\n\n"
                 done += 1
                 continue
             if ev.finish is not None:
