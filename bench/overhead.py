@@ -167,14 +167,6 @@ def measure(args: argparse.Namespace, streams: int) -> dict[str, Any]:
             "itl_p99_ms": 1000 * res["itl"]["p99_s"], "requests": res["requests"]}
 
 
-def _commit(repo: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def update_md(md: Path, results_dir: Path) -> None:
     """The `overhead` section of BENCHMARKS.md from every saved overhead_*.json record."""
     from bench.common import machine_info
@@ -234,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         out.append(row)
         if args.json:
             sys.stdout.write(json.dumps({k: row[k] for k in ("streams", "tok_s", "itl_p50_ms", "itl_p99_ms")}) + "\n")
+    from bench.targets import _commit
+
     record = {"label": args.label, "commit": _commit(args.server_repo), "server_repo": str(args.server_repo),
               "settings": {"duration_s": args.duration, "prompt_tokens": args.prompt_tokens,
                            "new_tokens": args.new_tokens, "repeats": args.repeats}, "results": out}
