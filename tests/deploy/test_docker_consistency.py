@@ -115,3 +115,10 @@ def test_haproxy_config_is_valid_and_checks_health() -> None:
         pytest.skip("haproxy -c needs HAProxy: apt-get install haproxy")
     r = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_podman_compose_override_names_real_services(compose) -> None:
+    override = yaml.safe_load((REPO / "deploy" / "podman" / "compose.podman.yml").read_text())
+    assert set(override["services"]) <= set(compose["services"])
+    for svc in override["services"].values():
+        assert svc["ulimits"]["nofile"] == {"soft": 1024, "hard": 1024}
