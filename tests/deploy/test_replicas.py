@@ -7,9 +7,11 @@ steady load from `loadtest`, over 127.0.0.1:
 - a rolling restart with SIGTERM, one replica at a time: every replica exits 0 and no request
   fails, streamed or not (a draining replica finishes its streams and answers 503 to new
   requests, which HAProxy replays elsewhere, until its /health check takes it out);
-- the load spreads within +-25% across the replicas.
+- the load spreads within +-25% across the replicas;
+- `kill -9` under streaming load: only streams in flight on the killed replica may fail (their
+  answer had started, so it cannot be replayed).
 
-Needs HAProxy (Debian package `haproxy`); skipped without it. Marked slow: about 2 minutes.
+Needs HAProxy (Debian package `haproxy`); skipped without it. Marked slow: about 3.5 minutes.
 """
 
 from __future__ import annotations
@@ -146,3 +148,22 @@ def test_rolling_restart_loses_no_request(cluster, tmp_path: Path) -> None:
     assert [r.exit_codes for r in replicas] == [[0]] * REPLICAS
     logger.info("rolling restart in %.0f s: %d plain + %d streamed requests, 0 failed", restart_s,
                 summaries[0]["requests"], summaries[1]["requests"])
+
+
+def test_kill_9_under_streams_fails_only_the_streams_in_flight(cluster, tmp_path: Path) -> None:
+    """A stream that already sent part of its answer cannot be replayed: when its replica dies, that
+    client sees a cut stream. No other request may fail, and no more than were in flight on it."""
+    lb, replicas = cluster
+    out = tmp_path / "streams.json"
+    load = run_load(lb.url, out, duration=20, concurrency=6, stream=True, max_new_tokens=64)
+    time.sleep(8)
+    victim = replicas[2]
+    in_flight = int(lb.servers()[victim.name]["scur"])
+    victim.kill()
+    wait_until(lambda: lb.status(victim.name).startswith("DOWN"), 10, 0.05, "victim DOWN")
+    summary = _finish(load, out)
+    assert summary["requests"] >= 30, summary
+    assert set(summary["errors"]) <= {"transport", "incomplete_stream"}, summary["errors"]
+    assert summary["error_count"] <= in_flight, (summary["errors"], in_flight)
+    logger.info("kill -9 under streams: %d stream(s) in flight on it, %d of %d requests failed", in_flight,
+                summary["error_count"], summary["requests"])
