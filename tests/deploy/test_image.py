@@ -138,11 +138,12 @@ def test_cpu_image(image: str, volume: str) -> None:
 
         # SIGTERM while streams are running: they finish, then the server exits 0.
         results: dict = {}
-        started = threading.Event()
-        threads = [threading.Thread(target=_stream, args=(c.url, results, i, started)) for i in range(4)]
+        started = [threading.Event() for _ in range(4)]
+        threads = [threading.Thread(target=_stream, args=(c.url, results, i, ev)) for i, ev in enumerate(started)]
         for t in threads:
             t.start()
-        assert started.wait(30)
+        for ev in started:  # every stream has its first token: all are in flight when the signal comes
+            assert ev.wait(30)
         t_term = time.monotonic()
         os.kill(c.pid(), signal.SIGTERM)  # the container's PID 1 (python -m app), as `podman stop` does
         for t in threads:
