@@ -21,12 +21,17 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # torch first, from the CPU index: the default PyPI wheel drags in several GB of CUDA libraries.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# TORCH_PIP_ARGS says where the CPU wheel comes from; PIP_EXTRA_ARGS goes to both pip installs.
+# Offline/air-gapped builds replace them, e.g. --build-arg TORCH_PIP_ARGS="--find-links /wheels"
+# with a folder holding the torch 2.13.0 CPU wheel mounted at build time (deploy/podman/build.sh).
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+ARG PIP_EXTRA_ARGS=""
+RUN pip install ${PIP_EXTRA_ARGS} torch==2.13.0 ${TORCH_PIP_ARGS}
 COPY pyproject.toml README.md constraints.txt ./
 COPY model ./model
 COPY export ./export
 COPY app ./app
-RUN pip install -c constraints.txt '.[cpu]'
+RUN pip install ${PIP_EXTRA_ARGS} -c constraints.txt '.[cpu]'
 
 # ---- the CPU runtime image --------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu

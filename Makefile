@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # Both are the same import; override with `make ORT=cpu ...`.
 ORT ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 
-.PHONY: install test test-fast lint serve clean bench-venv bench-export bench-server bench-levers bench-targets \
-	bench-single bench-concurrency bench-ttft bench-startup bench-aiperf-venv bench-aiperf
+.PHONY: install test test-fast lint serve clean image image-test replica-test k8s-test bench-venv bench-export \
+	bench-server bench-levers bench-targets bench-single bench-concurrency bench-ttft bench-startup bench-aiperf-venv \
+	bench-aiperf
 
 install: $(VENV)/.installed
 
@@ -38,6 +39,23 @@ serve: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Deployment (docs/DEPLOY.md). The CPU image with podman, on a host with no registry: a Debian
+# bookworm base from debootstrap, the local torch wheel, this host's CA bundle (deploy/podman/).
+image:
+	deploy/podman/build.sh localhost/gpt2-serve:cpu
+
+# Build the CPU image, run it, check it (tests/deploy/test_image.py). Needs podman, runc, debootstrap.
+image-test: install
+	GPT2_IMAGE_TEST=1 $(BIN)/python -m pytest -m image tests/deploy/test_image.py -o log_cli=true --log-cli-level=INFO
+
+# 3 replicas behind HAProxy under load: kill -9, rolling restart, spread (needs haproxy).
+replica-test: install
+	$(BIN)/python -m pytest tests/deploy/test_replicas.py -o log_cli=true --log-cli-level=INFO
+
+# Render the Kubernetes overlays and validate them offline.
+k8s-test: install
+	$(BIN)/python -m pytest tests/deploy/test_k8s.py
 
 # Benchmarks (see BENCHMARKS.md). The Optimum anchor needs its own venv: it pins transformers 4.x.
 bench-venv: bench/.venv-optimum/.installed

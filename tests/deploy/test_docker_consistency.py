@@ -4,6 +4,8 @@ here, so the files are checked as data, and what they run is run for real elsewh
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,43 @@ def test_gpu_image_defaults_to_auto_precision(dockerfile, compose) -> None:
     _, stages = dockerfile
     assert stages["gpu"].env["PRECISION"] == "auto" and stages["gpu"].env["DEVICE"] == "auto"
     assert compose["services"]["api-gpu"]["environment"]["PRECISION"] == "${PRECISION:-auto}"
+
+
+def test_compose_scale_profile(dockerfile, compose) -> None:
+    _, stages = dockerfile
+    fields = {name.upper() for name in Settings.model_fields}
+    api, replica, lb = compose["services"]["api"], compose["services"]["api-replica"], compose["services"]["lb"]
+    assert replica["profiles"] == lb["profiles"] == ["scale"]
+    assert replica["image"] == api["image"] and replica["build"] == api["build"]
+    assert "ports" not in replica  # only the balancer is published
+    assert set(replica["environment"]) <= fields
+    assert "onnx-cache:/cache" in replica["volumes"]
+    assert replica["healthcheck"] == api["healthcheck"]
+    assert float(replica["stop_grace_period"].rstrip("s")) > float(stages["cpu"].env["SHUTDOWN_GRACE_SECONDS"])
+    assert re.fullmatch(r"\$\{REPLICAS:-\d+\}", str(replica["deploy"]["replicas"]))
+    # the balancer finds the replicas by the service name, with the same count
+    assert lb["environment"]["API_HOST"] == "api-replica"
+    assert lb["environment"]["REPLICAS"] == replica["deploy"]["replicas"]
+    assert lb["ports"][0].endswith(":" + lb["environment"]["LB_PORT"])
+    src, _, dst = lb["volumes"][0].partition(":")
+    assert (REPO / src).is_file() and dst.startswith("/etc/haproxy/haproxy.cfg")
+    assert (REPO / lb["build"]["context"] / "Dockerfile").is_file()
+
+
+def test_haproxy_config_is_valid_and_checks_health() -> None:
+    cfg = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+    text = cfg.read_text()
+    assert "option httpchk GET /health" in text and "http-check expect status 200" in text
+    assert re.search(r"^\s*retry-on .*\bempty-response\b.*\b503\b", text, re.M)
+    assert "option http-buffer-request" in text  # without it, requests in flight on a dead replica are not replayed
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy -c needs HAProxy: apt-get install haproxy")
+    r = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_podman_compose_override_names_real_services(compose) -> None:
+    override = yaml.safe_load((REPO / "deploy" / "podman" / "compose.podman.yml").read_text())
+    assert set(override["services"]) <= set(compose["services"])
+    for svc in override["services"].values():
+        assert svc["ulimits"]["nofile"] == {"soft": 1024, "hard": 1024}

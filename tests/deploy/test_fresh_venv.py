@@ -20,9 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _adapt(cmd: str, venv: Path) -> str:
-    # This machine reaches PyPI only: the CPU torch wheel comes from the local wheel pin instead of
-    # the PyTorch index the image uses. Everything else runs as written, in the venv.
-    cmd = cmd.replace(" --index-url https://download.pytorch.org/whl/cpu", "")
+    # This machine reaches PyPI only: the CPU torch wheel comes from the local wheel folder (pip's
+    # find-links here) instead of the PyTorch index that TORCH_PIP_ARGS names by default, as
+    # deploy/podman/build.sh does with a build arg. Everything else runs as written, in the venv.
+    cmd = cmd.replace("${TORCH_PIP_ARGS}", "").replace("${PIP_EXTRA_ARGS}", "")
     return cmd.replace("/opt/venv", str(venv))
 
 
