@@ -28,3 +28,6 @@ start=$(date +%s)
   -v "$wheels:/wheels:ro" -v "$ca:/etc/ssl/certs/ca-certificates.crt:ro" \
   -f "$repo/Dockerfile" "$repo"
 echo "built $tag in $(( $(date +%s) - start )) s"
+# vfs storage copies every layer in full (about 1.4 GB a step here): drop the images that earlier
+# builds of this tag (and of the base) left untagged, so repeated builds (CI) do not fill the disk.
+"$here/podman.sh" image prune -f >/dev/null || echo "podman image prune failed (disk use may grow)" >&2
