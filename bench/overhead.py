@@ -17,7 +17,7 @@ with the server, as a co-located load balancer or client would.
 
 `--server-repo DIR` runs the server from another checkout (e.g. `git worktree add /tmp/before
 <commit>`), for before/after numbers from the same harness; `--profile` wraps the server in
-py-spy (if installed) and writes a flame graph SVG next to the JSON.
+py-spy (in the `bench` extra) and writes a flame graph SVG next to the JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,12 +118,10 @@ def serve(port: int, max_rows: int) -> None:
 
 
 # ---- the client side ------------------------------------------------------------------------
-def _launch(server_repo: Path, port: int, max_rows: int, log: Path, profile: Path | None) -> subprocess.Popen:
+def _launch(server_repo: Path, port: int, max_rows: int, log: Path) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, str(HERE), "--serve", "--port", str(port), "--max-rows", str(max_rows)]
-    if profile is not None:
-        cmd = ["py-spy", "record", "--subprocesses", "--threads", "-r", "200", "-o", str(profile), "--", *cmd]
     env = {**os.environ, "PYTHONPATH": str(server_repo), "LOG_LEVEL": "WARNING"}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=server_repo, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -151,10 +150,18 @@ def measure(args: argparse.Namespace, streams: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     results = Path(args.out).parent
     profile = results / f"overhead_{streams}{'_' + args.label if args.label else ''}.svg" if args.profile else None
-    proc = _launch(args.server_repo, port, max(32, streams), results / f"overhead_server_{streams}.log", profile)
+    proc = _launch(args.server_repo, port, max(32, streams), results / f"overhead_server_{streams}.log")
+    spy = None
     try:
         _run(lambda c: _closed_loop(c, texts, args.new_tokens, 1.0), url, streams)  # warm-up
+        if profile is not None:  # py-spy (the bench extra) samples the server for the measured window
+            exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            spy = subprocess.Popen([exe, "record", "--pid", str(proc.pid), "--threads", "-r", "200", "--duration",
+                                    str(max(1, round(args.duration))), "-o", str(profile)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         res = _run(lambda c: _closed_loop(c, texts, args.new_tokens, args.duration), url, streams)
+        if spy is not None:
+            spy.wait(60)
     finally:
         proc.terminate()
         try:
