@@ -74,10 +74,6 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
     return SamplingParams(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed)
 
 
-def to_token(ev: StreamEvent) -> TokenOut:
-    return TokenOut(id=ev.token.id, text=ev.token.text, logprob=ev.token.logprob, special=ev.token.special)
-
-
 class Tracker:
     """Per-request token timing and counters for metrics and the access log."""
 
