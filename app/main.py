@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -59,6 +60,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     on_failure: Callable[[], None] | None = getattr(app.state, "on_load_failure", None)
 
     cancel = threading.Event()
+    # Process-wide: the engine's worker thread and this event loop take turns on the GIL.
+    sys.setswitchinterval(state.settings.gil_switch_interval_ms / 1000)
 
     async def load() -> None:
         t0 = time.perf_counter()
@@ -145,11 +148,12 @@ class RequestContextMiddleware:
             if status["code"] >= 400:
                 m.failures.labels(error_type_for(status["code"])).inc()
             st = scope.get("state", {})
-            access_log.info(json.dumps({
-                "request_id": rid, "method": scope.get("method"), "path": path, "status": status["code"],
-                "duration_ms": round(dt * 1000, 2), "input_tokens": st.get("input_tokens"),
-                "generated_tokens": st.get("generated_tokens"), "finish_reason": st.get("finish_reason"),
-            }))
+            if access_log.isEnabledFor(logging.INFO):  # skip building the line when it is not logged
+                access_log.info(json.dumps({
+                    "request_id": rid, "method": scope.get("method"), "path": path, "status": status["code"],
+                    "duration_ms": round(dt * 1000, 2), "input_tokens": st.get("input_tokens"),
+                    "generated_tokens": st.get("generated_tokens"), "finish_reason": st.get("finish_reason"),
+                }))
 
 
 async def _read_body(receive: Callable, limit: int, content_length: str | None) -> tuple[bytes, bool]:

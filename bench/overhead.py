@@ -86,8 +86,10 @@ def _zero_cost_runner(vocab: int, n_positions: int, token_id: int, max_rows: int
     return ZeroCostRunner()
 
 
-def serve(port: int, max_rows: int) -> None:
-    """Run the real app with the zero-cost runner on 127.0.0.1:`port` until SIGTERM."""
+def serve(port: int, max_rows: int, loop: str = "auto", http: str = "auto") -> None:
+    """Run the real app with the zero-cost runner on 127.0.0.1:`port` until SIGTERM. `loop` and
+    `http` are uvicorn's: "auto" (what `python -m app` uses) picks uvloop and httptools when
+    installed; "asyncio" / "h11" measure the pure-Python ones."""
     import threading
 
     import uvicorn
@@ -114,15 +116,18 @@ def serve(port: int, max_rows: int) -> None:
 
     app_main._load_engine = load_zero_cost  # the one swap: the model, nothing on the serving path
     app = app_main.create_app(settings)
-    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)).run()
+    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                                  loop=loop, http=http)).run()
 
 
 # ---- the client side ------------------------------------------------------------------------
-def _launch(server_repo: Path, port: int, max_rows: int, log: Path) -> subprocess.Popen:
+def _launch(server_repo: Path, port: int, max_rows: int, log: Path, loop: str = "auto",
+            http: str = "auto", server_env: dict[str, str] | None = None) -> subprocess.Popen:
     import httpx
 
-    cmd = [sys.executable, str(HERE), "--serve", "--port", str(port), "--max-rows", str(max_rows)]
-    env = {**os.environ, "PYTHONPATH": str(server_repo), "LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, str(HERE), "--serve", "--port", str(port), "--max-rows", str(max_rows),
+           "--uvicorn-loop", loop, "--uvicorn-http", http]
+    env = {**os.environ, "PYTHONPATH": str(server_repo), "LOG_LEVEL": "WARNING", **(server_env or {})}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=server_repo, env=env, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -150,7 +155,8 @@ def measure(args: argparse.Namespace, streams: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     results = Path(args.out).parent
     profile = results / f"overhead_{streams}{'_' + args.label if args.label else ''}.svg" if args.profile else None
-    proc = _launch(args.server_repo, port, max(32, streams), results / f"overhead_server_{streams}.log")
+    proc = _launch(args.server_repo, port, max(32, streams), results / f"overhead_server_{streams}.log",
+                   args.uvicorn_loop, args.uvicorn_http, dict(args.server_env))
     spy = None
     try:
         _run(lambda c: _closed_loop(c, texts, args.new_tokens, 1.0), url, streams)  # warm-up
@@ -174,31 +180,42 @@ def measure(args: argparse.Namespace, streams: int) -> dict[str, Any]:
             "itl_p99_ms": 1000 * res["itl"]["p99_s"], "requests": res["requests"]}
 
 
+def _order(rec: dict[str, Any]) -> tuple[int, str]:
+    """before, then earlier steps (`step-*`), then the current code (no label), then levers alone."""
+    label = rec.get("label") or ""
+    rank = 0 if label == "before" else 1 if label.startswith("step") else 2 if not label else 3
+    return rank, label
+
+
 def update_md(md: Path, results_dir: Path) -> None:
     """The `overhead` section of BENCHMARKS.md from every saved overhead_*.json record."""
     from bench.common import machine_info
     from bench.report import replace_section
 
-    records = sorted((json.loads(p.read_text()) for p in results_dir.glob("overhead*.json")),
-                     key=lambda r: (r.get("label") != "before", r.get("label") or ""))
+    records = sorted((json.loads(p.read_text()) for p in results_dir.glob("overhead*.json")), key=_order)
     lines = ["### Serving overhead: a zero-cost model behind the real serving path",
-             "", "Command: `python -m bench.overhead --streams 1,32 --repeats 3 --update-md` (before: "
-             "`... --server-repo <worktree> --label before`). A runner that returns fixed logits at once, behind "
-             "the real scheduler, sampling, detokenizer, HTTP and SSE, with the httpx client on the same "
-             f"machine ({machine_info()['cpu']}, {os.cpu_count()} cores). Medians over server starts.", "",
-             "| server | commit | streams | tok/s | gap p50 (ms) | gap p99 (ms) | target |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "", "Command: `python -m bench.overhead --streams 1,32 --repeats 3 --update-md` (another commit: "
+             "`... --server-repo <worktree> --label <name>`; each record's own command is in its JSON). A runner "
+             "that returns fixed logits at once, behind the real scheduler, sampling, detokenizer, HTTP and SSE, "
+             f"with the httpx client on the same machine ({machine_info()['cpu']}, {os.cpu_count()} cores). "
+             "Medians over server starts.", "",
+             "| server | commit | uvicorn, server env | streams | tok/s | gap p50 (ms) | gap p99 (ms) | target |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     targets = {1: 5000, 32: 10000}
     for rec in records:
+        st = rec.get("settings", {})
+        how = " ".join(x for x in (st.get("uvicorn", "loop=auto http=auto"), st.get("server_env")) if x)
         for r in rec["results"]:
             t = targets.get(r["streams"])
             mark = "—" if t is None else f">= {t:,} tok/s: {'pass' if r['tok_s'] >= t else '**FAIL**'}"
-            lines.append(f"| {rec.get('label') or 'after'} | `{rec.get('commit')}` | {r['streams']} | "
+            lines.append(f"| {rec.get('label') or 'after'} | `{rec.get('commit')}` | {how} | {r['streams']} | "
                          f"{r['tok_s']:,.0f} | {r['itl_p50_ms']:.3g} | {r['itl_p99_ms']:.3g} | {mark} |")
     replace_section(md, "overhead", "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.targets import _commit, _env_pair
+
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", default="32", help="comma-separated stream counts, each its own measurement")
@@ -212,12 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/overhead[_<label>].json")
     p.add_argument("--update-md", action="store_true", help="write the overhead section of BENCHMARKS.md")
     p.add_argument("--profile", action="store_true", help="record the server with py-spy (flame graph SVG)")
+    p.add_argument("--uvicorn-loop", default="auto", choices=["auto", "asyncio", "uvloop"],
+                   help="the server's event loop (auto, as `python -m app`: uvloop when installed)")
+    p.add_argument("--uvicorn-http", default="auto", choices=["auto", "h11", "httptools"],
+                   help="the server's HTTP parser (auto, as `python -m app`: httptools when installed)")
+    p.add_argument("--server-env", action="append", default=[], type=_env_pair, metavar="KEY=VALUE",
+                   help="a setting for the server process (e.g. GIL_SWITCH_INTERVAL_MS=5); repeatable")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-rows", type=int, default=32, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.port, args.max_rows)
+        serve(args.port, args.max_rows, args.uvicorn_loop, args.uvicorn_http)
         return 0
     logging.basicConfig(level=logging.INFO, format="[bench.overhead] %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -233,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         out.append(row)
         if args.json:
             sys.stdout.write(json.dumps({k: row[k] for k in ("streams", "tok_s", "itl_p50_ms", "itl_p99_ms")}) + "\n")
-    from bench.targets import _commit
-
     record = {"label": args.label, "commit": _commit(args.server_repo), "server_repo": str(args.server_repo),
+              "command": "python -m bench.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
               "settings": {"duration_s": args.duration, "prompt_tokens": args.prompt_tokens,
-                           "new_tokens": args.new_tokens, "repeats": args.repeats}, "results": out}
+                           "new_tokens": args.new_tokens, "repeats": args.repeats,
+                           "uvicorn": f"loop={args.uvicorn_loop} http={args.uvicorn_http}",
+                           "server_env": " ".join(f"{k}={v}" for k, v in args.server_env)}, "results": out}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     if args.update_md:
         update_md(REPO / "BENCHMARKS.md", args.out.parent)

@@ -51,7 +51,9 @@ class ServiceState:
         self.metrics.in_flight.set(self.in_flight)
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool, one thread hop
+    # (and a GIL hand-over) per request for a lookup.
     return request.app.state.service
 
 

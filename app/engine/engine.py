@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +93,20 @@ class Engine:
         self.scheduler.start()
 
     def warmup(self) -> None:
-        """One tiny prefill + step so the first request does not pay for allocations."""
+        """A prefill and a decode step at the largest batch the scheduler will run (one token per
+        row), so the first burst does not pay for it. ONNX Runtime's first call at a new largest
+        batch size costs about 1.2 s more on the CPU (GPT-2 124M, 32 rows, measured in
+        BENCHMARKS.md); smaller batches after it do not. TGI warms up at its largest batch too."""
         if self.generation:
-            r = self.generation.runner
-            r.add([[self.tokenizer.eos_token_id] * 2])
-            r.step([self.tokenizer.eos_token_id])
+            r, eos = self.generation.runner, self.tokenizer.eos_token_id
+            rows = max(1, self.scheduler.max_batch_size)
+            t0 = time.perf_counter()
+            r.add([[eos, eos]])  # a two-token prompt: the attention over a past, too
+            if rows > 1:
+                r.add([[eos]] * (rows - 1))
+            r.step([eos] * rows)
             r.reset()
+            logger.info("warm-up: a prefill and a decode step at batch %d in %.2f s", rows, time.perf_counter() - t0)
 
     def stop(self) -> None:
         self.scheduler.stop()

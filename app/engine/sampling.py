@@ -8,7 +8,7 @@ the distribution after penalty and temperature, before top-k/top-p truncation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,44 +29,63 @@ class SamplingParams:
         return self.do_sample or warped
 
 
-@dataclass
 class Sampler:
-    """Per-request state: the parameters, the seeded generator, and the tokens seen so far."""
+    """Per-request state: the parameters, the seeded generator, and the tokens seen so far.
 
-    params: SamplingParams
-    prompt_ids: list[int]
-    seed: int = field(init=False)
-    rng: np.random.Generator = field(init=False)
-    seen: set[int] = field(init=False)
+    The generator (and a seed drawn from the OS when none was given) is made on first use: a
+    greedy request never draws, and that setup cost every request about 20 us. Seen tokens are
+    kept only when a repetition penalty reads them."""
 
-    def __post_init__(self) -> None:
-        self.seed = self.params.seed if self.params.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
-        self.rng = np.random.default_rng(self.seed)
-        self.seen = set(self.prompt_ids)
+    def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
+        self.params = params
+        self._penalized = params.repetition_penalty not in (None, 1.0)
+        self.seen: set[int] = set(prompt_ids) if self._penalized else set()
+        self._seed = params.seed
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def seed(self) -> int:
+        if self._seed is None:
+            self._seed = int(np.random.SeedSequence().entropy % 2**63)
+        return self._seed
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     @property
     def plain_greedy(self) -> bool:
         """Argmax with no penalty: the scheduler picks these rows' tokens in one batched call."""
-        return not self.params.sampling and self.params.repetition_penalty in (None, 1.0)
+        return not self.params.sampling and not self._penalized
 
     def __call__(self, logits: np.ndarray) -> tuple[int, float]:
         """Choose the next token from one row of logits (V,); returns (id, logprob)."""
-        token, logprob = choose(logits, self.params, self.seen, self.rng)
-        self.seen.add(token)
+        token, logprob = choose(logits, self.params, self.seen, self.rng if self.params.sampling else None)
+        self.record(token)
         return token, logprob
 
     def record(self, token: int) -> None:
-        """A token chosen for this request elsewhere (`greedy_rows`)."""
-        self.seen.add(token)
+        """A token chosen for this request (here or by `greedy_rows`)."""
+        if self._penalized:
+            self.seen.add(token)
 
 
-def greedy_rows(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def greedy_rows(logits: np.ndarray, scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Argmax of every row of (B, V) logits and its log-probability, in one vectorized pass: the
     same numbers as `choose` row by row, without a Python call and three V-sized temporaries per
-    token. log p(argmax) = x_max - x_max - log(sum(exp(x - x_max))) = -log(sum(exp(x - x_max)))."""
+    token. log p(argmax) = x_max - x_max - log(sum(exp(x - x_max))) = -log(sum(exp(x - x_max))).
+
+    `scratch` (float32, at least (B, V)) is reused for exp(x - x_max): a fresh (B, V) temporary
+    every step is a large allocation, which the allocator maps and the first write page-faults."""
     x = logits.astype(np.float32, copy=False)
+    B = x.shape[0]
     tokens = x.argmax(-1)
-    z = x - x[np.arange(x.shape[0]), tokens][:, None]
+    if scratch is None or scratch.shape[0] < B or scratch.shape[1:] != x.shape[1:]:
+        scratch = np.empty_like(x)
+    z = scratch[:B]
+    np.subtract(x, x[np.arange(B), tokens][:, None], out=z)
     np.exp(z, out=z)
     return tokens, -np.log(z.sum(-1))
 
@@ -142,7 +161,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum())
 
 
-def choose(logits: np.ndarray, params: SamplingParams, seen: set[int], rng: np.random.Generator) -> tuple[int, float]:
+def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
+           rng: np.random.Generator | None) -> tuple[int, float]:
+    """One token and its log-probability; `rng` is only read when `params.sampling`."""
     scores = logits.astype(np.float32, copy=False)
     if params.repetition_penalty not in (None, 1.0):
         scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)

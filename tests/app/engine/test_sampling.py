@@ -13,6 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from app.engine.sampling import (
+    Sampler,
     SamplingParams,
     apply_repetition_penalty,
     choose,
@@ -179,3 +180,24 @@ def test_batched_greedy_rows_are_bitwise_the_per_row_choice() -> None:
     for row, t, lp in zip(rows, tokens, logprobs, strict=True):
         assert (int(t), float(lp)) == choose(row, SamplingParams(), set(), rng)
     assert int(tokens[3]) == 5
+
+
+def test_greedy_rows_with_a_reused_scratch_buffer_are_bitwise_the_same() -> None:
+    rows = np.random.default_rng(2).normal(0, 3, size=(5, V)).astype(np.float32)
+    ref = greedy_rows(rows)
+    scratch = np.full((8, V), np.nan, np.float32)  # larger than the batch, and dirty
+    for _ in range(2):
+        tokens, logprobs = greedy_rows(rows, scratch)
+        assert np.array_equal(tokens, ref[0]) and np.array_equal(logprobs, ref[1])
+    small = np.empty((2, V), np.float32)  # too small: a fresh buffer, the same numbers
+    assert np.array_equal(greedy_rows(rows, small)[1], ref[1])
+
+
+def test_a_sampler_draws_its_seed_once_and_only_when_asked() -> None:
+    seeded = Sampler(SamplingParams(do_sample=True, seed=7), [1, 2])
+    assert seeded.seed == 7
+    unseeded = Sampler(SamplingParams(do_sample=True), [1, 2])
+    assert unseeded.seed == unseeded.seed  # drawn on first use, then kept
+    logits = np.random.default_rng(3).normal(0, 1, size=V).astype(np.float32)
+    a = [Sampler(SamplingParams(do_sample=True, seed=11), [1])(logits)[0] for _ in range(2)]
+    assert a[0] == a[1]  # the lazily made generator is still seeded by the request's seed
