@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import re
-import sys
 import threading
 import time
 import uuid
@@ -60,8 +59,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     on_failure: Callable[[], None] | None = getattr(app.state, "on_load_failure", None)
 
     cancel = threading.Event()
-    # Process-wide: the engine's worker thread and this event loop take turns on the GIL.
-    sys.setswitchinterval(state.settings.gil_switch_interval_ms / 1000)
 
     async def load() -> None:
         t0 = time.perf_counter()

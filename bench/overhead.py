@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uvicorn-http", default="auto", choices=["auto", "h11", "httptools"],
                    help="the server's HTTP parser (auto, as `python -m app`: httptools when installed)")
     p.add_argument("--server-env", action="append", default=[], type=_env_pair, metavar="KEY=VALUE",
-                   help="a setting for the server process (e.g. GIL_SWITCH_INTERVAL_MS=5); repeatable")
+                   help="a setting for the server process (e.g. PREFILL_CHUNK_TOKENS=32); repeatable")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--max-rows", type=int, default=32, help=argparse.SUPPRESS)

@@ -40,9 +40,6 @@ class Settings(BaseSettings):
     waiting_served_ratio: float = Field(1.2, ge=0, description="with this many waiting prompts per decoding row, "
                                                                "prefill them at once instead of in chunks (TGI)")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
-    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100, description=(
-        "Python's GIL switch interval (its default is 5 ms): the engine thread and the HTTP event loop "
-        "share the GIL, and a shorter slice stops either from holding up the other's next token"))
     log_level: str = "INFO"
     model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")
     api_key: str | None = Field(None, description="when set, every route but /health and /metrics needs it")

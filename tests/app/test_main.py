@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import sys
 import time
 
 import pytest
@@ -38,17 +37,6 @@ def test_lifespan_loads_warms_and_serves(settings) -> None:
         assert r.status_code == 200 and r.json()["generated_text"]
         assert client.app.state.service.in_flight == 0
     assert client.app.state.service.ready is False  # shut down with the lifespan
-
-
-def test_the_gil_switch_interval_is_the_setting_while_serving(settings) -> None:
-    before = sys.getswitchinterval()
-    try:
-        with TestClient(create_app(settings.model_copy(update={"gil_switch_interval_ms": 0.25}))) as client:
-            wait_ready(client)
-            assert sys.getswitchinterval() == pytest.approx(0.00025)
-    finally:
-        sys.setswitchinterval(before)
-    assert Settings().gil_switch_interval_ms == 0.5  # the default: Python's own is 5 ms
 
 
 def test_no_route_dependency_runs_in_the_thread_pool(settings) -> None:
