@@ -101,11 +101,16 @@ class Engine:
             r, eos = self.generation.runner, self.tokenizer.eos_token_id
             rows = max(1, self.scheduler.max_batch_size)
             t0 = time.perf_counter()
-            r.add([[eos, eos]])  # a two-token prompt: the attention over a past, too
-            if rows > 1:
-                r.add([[eos]] * (rows - 1))
-            r.step([eos] * rows)
-            r.reset()
+            try:
+                r.add([[eos, eos]])  # a two-token prompt: the attention over a past, too
+                if rows > 1:
+                    r.add([[eos]] * (rows - 1))
+                r.step([eos] * rows)
+            except Exception as e:  # e.g. no memory for that many rows: say which setting to lower
+                raise RuntimeError(f"warm-up at MAX_BATCH_SIZE={rows} rows failed ({type(e).__name__}: {e}); "
+                                   f"lower MAX_BATCH_SIZE") from e
+            finally:
+                r.reset()
             logger.info("warm-up: a prefill and a decode step at batch %d in %.2f s", rows, time.perf_counter() - t0)
 
     def stop(self) -> None:

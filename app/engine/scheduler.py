@@ -182,7 +182,8 @@ class Scheduler:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # never started (a failed warm-up): nothing to join
+            self._thread.join(timeout)
 
     @property
     def queue_size(self) -> int:

@@ -506,3 +506,15 @@ def test_warm_up_runs_the_largest_batch_and_leaves_it_empty(backend, tiny_lm_dir
         assert len(run(eng.generate(req)).tokens) == 4
     finally:
         eng.stop()
+
+
+def test_a_batch_size_that_cannot_be_warmed_up_names_the_setting(tiny_lm_dir, onnx_cache) -> None:
+    """MAX_BATCH_SIZE far beyond memory: the KV buffers for that many rows cannot be allocated, and
+    the start fails with the setting to lower, not a bare MemoryError."""
+    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=10**7)
+    try:
+        with pytest.raises(RuntimeError, match=r"warm-up at MAX_BATCH_SIZE=10000000 rows failed .*lower "
+                                               r"MAX_BATCH_SIZE"):
+            eng.start()
+    finally:
+        eng.stop()
