@@ -385,10 +385,9 @@ class Scheduler:
         fast = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
         chosen: dict[int, tuple[int, float]] = {}
         if fast:
-            rows = logits if len(fast) == len(seqs) else logits[fast]
-            if self._scratch is None or self._scratch.shape[0] < len(rows) or self._scratch.shape[1:] != rows.shape[1:]:
-                self._scratch = np.empty((max(self.max_batch_size, len(rows)), *rows.shape[1:]), np.float32)
-            tokens, logprobs = greedy_rows(rows, self._scratch)
+            if self._scratch is None:  # made on first use: rows never exceed max_batch_size
+                self._scratch = np.empty((self.max_batch_size, self.runner.info.vocab_size), np.float32)
+            tokens, logprobs = greedy_rows(logits if len(fast) == len(seqs) else logits[fast], self._scratch)
             chosen = {i: (int(t), float(lp)) for i, t, lp in zip(fast, tokens, logprobs, strict=True)}
         for i, (s, row) in enumerate(zip(seqs, logits, strict=True)):
             s.accept(row, self.context_limit, chosen.get(i))
