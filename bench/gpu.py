@@ -52,6 +52,7 @@ from bench.targets import (
     _check_server_tokens,
     _closed_loop,
     _median,
+    _need_context,
     _run,
     _tokenizer,
     prompt_text,
@@ -210,9 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.server_bench import _checkpoint_with_tokenizer
 
     ckpt = args.checkpoint or _checkpoint_with_tokenizer()
-    n_pos = int(json.loads((ckpt / "config.json").read_text())["n_positions"])
-    if max(args.prompt_tokens, args.ttft_tokens) + args.new_tokens > n_pos:
-        raise SystemExit(f"prompt + new tokens exceed the checkpoint's context of {n_pos}")
+    _need_context(ckpt, max(args.prompt_tokens, args.ttft_tokens), args.new_tokens, "bench.gpu")
     tok = _tokenizer(ckpt)
     texts = [prompt_text(tok, args.prompt_tokens, i) for i in range(args.streams)]
     ttft_text = prompt_text(tok, args.ttft_tokens, args.streams)

@@ -30,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,29 +122,18 @@ def serve(port: int, max_rows: int, loop: str = "auto", http: str = "auto") -> N
 # ---- the client side ------------------------------------------------------------------------
 def _launch(server_repo: Path, port: int, max_rows: int, log: Path, loop: str = "auto",
             http: str = "auto", server_env: dict[str, str] | None = None) -> subprocess.Popen:
-    import httpx
+    """This file's `--serve` on `port`, its `app` from `server_repo`; healthy on return."""
+    from bench.server_bench import _start
 
     cmd = [sys.executable, str(HERE), "--serve", "--port", str(port), "--max-rows", str(max_rows),
            "--uvicorn-loop", loop, "--uvicorn-http", http]
-    env = {**os.environ, "PYTHONPATH": str(server_repo), "LOG_LEVEL": "WARNING", **(server_env or {})}
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=server_repo, env=env, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server never became healthy")
+    env = {"PYTHONPATH": str(server_repo), "LOG_LEVEL": "WARNING", **(server_env or {})}
+    return _start(cmd, env, f"http://127.0.0.1:{port}", log, timeout=120, cwd=server_repo)
 
 
 def measure(args: argparse.Namespace, streams: int) -> dict[str, Any]:
     """One server start: a warm-up, then `streams` closed-loop workers for --duration s."""
+    from bench.server_bench import _stop
     from bench.targets import _closed_loop, _run, free_port, prompt_text
     from model.tokenizer import GPT2Tokenizer
 
@@ -162,18 +150,14 @@ def measure(args: argparse.Namespace, streams: int) -> dict[str, Any]:
         _run(lambda c: _closed_loop(c, texts, args.new_tokens, 1.0), url, streams)  # warm-up
         if profile is not None:  # py-spy (the bench extra) samples the server for the measured window
             exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-            spy = subprocess.Popen([exe, "record", "--pid", str(proc.pid), "--threads", "-r", "200", "--duration",
-                                    str(max(1, round(args.duration))), "-o", str(profile)],
+            spy = subprocess.Popen([exe, "record", "--pid", str(proc.pid), "--threads", "--nonblocking", "-r", "200",
+                                    "--duration", str(max(1, round(args.duration))), "-o", str(profile)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         res = _run(lambda c: _closed_loop(c, texts, args.new_tokens, args.duration), url, streams)
         if spy is not None:
             spy.wait(60)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
     if res["short"]:
         raise RuntimeError(f"{res['short']} streams ended early: the fixed logits should never stop")
     return {"streams": streams, "tok_s": res["tok_s"], "itl_p50_ms": 1000 * res["itl"]["p50_s"],

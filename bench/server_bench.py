@@ -53,7 +53,7 @@ def _start(cmd: list[str], env: dict[str, str], url: str, log: Path, timeout: fl
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited: {log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:  # loopback: no proxy
                 return proc
         except httpx.TransportError:
             pass
