@@ -163,7 +163,7 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
 
 def sse_event(ev: StreamEvent, prefix: str) -> bytes:
     """One `data:` line of `StreamResponse` JSON, built directly: this runs once per token, and
-    building the pydantic models took about 15 us a token against about 1 us for this with orjson
+    building the pydantic models took about 15 us a token against 0.6 us for this with orjson
     (the stdlib's json.dumps: 4 us). tests/app/test_server.py checks the events against
     `StreamResponse`."""
     lp = ev.token.logprob
