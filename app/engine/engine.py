@@ -20,7 +20,7 @@ import numpy as np
 
 from app.engine.loader import Loaded, load
 from app.engine.sampling import SamplingParams
-from app.engine.scheduler import Finish, GenerationRequest, Scheduler, StreamEvent
+from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, Scheduler, StreamEvent
 from model.tokenizer import GPT2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,11 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------------
     def prepare(self, inputs: str | list[int], max_new_tokens: int, params: SamplingParams | None = None,
-                stop: list[str] | None = None) -> GenerationRequest:
+                stop: list[str] | None = None, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> GenerationRequest:
+        """Tokenize and check a generation request. `logprobs`: alternatives per generated token;
+        `prompt_logprobs`: score the prompt (each token's log-probability and that many
+        alternatives), which also allows `max_new_tokens == 0` (score only)."""
         if self.generation is None:
             raise EngineUnavailableError("no generation model is loaded")
         ids = self.tokenizer.encode(inputs) if isinstance(inputs, str) else list(inputs)
@@ -129,8 +133,11 @@ class Engine:
             raise InputError("inputs", "must not be empty")
         if any(not 0 <= i < self.generation.runner.info.vocab_size for i in ids):
             raise InputError("inputs", "token id out of the vocabulary")
-        if max_new_tokens < 1:
-            raise InputError("max_new_tokens", "must be >= 1")
+        if max_new_tokens < (0 if prompt_logprobs is not None else 1):
+            raise InputError("max_new_tokens", "must be >= 1" if prompt_logprobs is None else "must be >= 0")
+        for name, n in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise InputError(name, f"must be between 0 and {MAX_LOGPROBS}")
         if self.max_input_tokens is not None and len(ids) > self.max_input_tokens:
             raise InputError("inputs", f"{len(ids)} tokens exceed MAX_INPUT_TOKENS ({self.max_input_tokens})")
         if self.max_total_tokens is not None and len(ids) + max_new_tokens > self.max_total_tokens:
@@ -139,7 +146,8 @@ class Engine:
         if len(ids) + max_new_tokens > self.context_length:
             raise InputError("max_new_tokens", f"inputs ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
                                                f"exceed the model's context of {self.context_length} tokens")
-        return GenerationRequest(ids, params or SamplingParams(), max_new_tokens, list(stop or []))
+        return GenerationRequest(ids, params or SamplingParams(), max_new_tokens, list(stop or []),
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     async def generate_batches(self, req: GenerationRequest) -> AsyncIterator[list[StreamEvent]]:
         """Events as tokens are made, in lists: each holds every event that arrived since the last

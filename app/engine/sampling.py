@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Top-k sampling with k up to this many chooses from the runner's top-N alternatives (no full-vocabulary
+# logits on the host); a larger k takes the full-logits path.
+MAX_TOP_K = 64
+
 
 @dataclass
 class SamplingParams:
@@ -54,6 +58,18 @@ class Sampler:
         if self._rng is None:
             self._rng = np.random.default_rng(self.seed)
         return self._rng
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether choosing this row's token needs the full-vocabulary logits on the host. Rows
+        that do not (greedy, or top-k sampling with k <= MAX_TOP_K and nothing else) choose from
+        the runner's top-N alternatives, computed where the logits are."""
+        p = self.params
+        if self._penalized:
+            return True
+        if not p.sampling:
+            return False
+        return p.top_p not in (None, 1.0) or not p.top_k or p.top_k > MAX_TOP_K
 
     @property
     def plain_greedy(self) -> bool:

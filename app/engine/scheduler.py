@@ -39,11 +39,31 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class TopToken:
+    """One alternative at a position: a token and its log-probability."""
+
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass
 class Token:
     id: int
     text: str
     logprob: float
     special: bool = False
+    top: list[TopToken] = field(default_factory=list)  # the `logprobs` most likely, best first (when asked)
+
+
+@dataclass
+class PromptToken:
+    """A prompt token scored by the model: log p(token | the tokens before it); None for the first."""
+
+    id: int
+    text: str
+    logprob: float | None
+    top: list[TopToken] = field(default_factory=list)  # the `prompt_logprobs` most likely there (none for the first)
 
 
 @dataclass
@@ -53,23 +73,30 @@ class Finish:
     generated_tokens: int
     seed: int | None
     tokens: list[Token]
+    prompt: list[PromptToken] | None = None  # when the request asked for prompt_logprobs
 
 
 @dataclass
 class StreamEvent:
     index: int  # 0-based index of the generated token
-    token: Token
+    token: Token | None  # None only for a score-only request (max_new_tokens == 0): its one event
     finish: Finish | None = None  # set on the last event
     delta: str = ""  # text completed by this token (whole UTF-8 characters; special tokens skipped)
+    prompt: list[PromptToken] | None = None  # on the first event, when the request asked for prompt_logprobs
+
+
+MAX_LOGPROBS = 20  # the most alternatives per position a request may ask for (vLLM's default cap)
 
 
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    max_new_tokens: int = 20
+    max_new_tokens: int = 20  # 0 only with prompt_logprobs (score the prompt, generate nothing)
     stop: list[str] = field(default_factory=list)
     stop_at_eos: bool = True
+    logprobs: int | None = None  # alternatives per generated token (OpenAI `logprobs`, TGI `top_n_tokens`)
+    prompt_logprobs: int | None = None  # score the prompt: each token's logprob and this many alternatives
 
 
 class _Seq:
