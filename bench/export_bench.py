@@ -95,10 +95,10 @@ class SlotGraph:
 
     def prefill(self, ids: np.ndarray):
         self.runner.reset()
-        return self.runner.add(ids.tolist()), None
+        return self.runner.add(ids.tolist()).logits, None
 
     def step(self, state, next_ids: np.ndarray):
-        return self.runner.step(next_ids[:, 0].tolist()), state
+        return self.runner.step(next_ids[:, 0].tolist()).logits, state
 
 
 class TorchOurs:

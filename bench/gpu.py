@@ -142,15 +142,15 @@ def step_times(ckpt: Path, device: str, backend: str, precision: str, args: argp
     try:
         for batch in (1, len(prompts)):
             r = lo.runner
-            tokens = [int(t) for t in r.add(prompts[:batch]).argmax(-1)]
+            tokens = [int(t) for t in r.add(prompts[:batch]).top_ids[:, 0]]
             for _ in range(3):  # warm-up: allocations, kernels for this batch size
-                tokens = [int(t) for t in r.step(tokens).argmax(-1)]
+                tokens = [int(t) for t in r.step(tokens).top_ids[:, 0]]
             times = []
             for _ in range(args.steps):
                 t = time.perf_counter()
-                logits = r.step(tokens)
+                sel = r.step(tokens)
                 times.append(time.perf_counter() - t)
-                tokens = [int(x) for x in logits.argmax(-1)]
+                tokens = [int(x) for x in sel.top_ids[:, 0]]
             r.reset()
             out[f"step_b{batch}_s"] = statistics.median(times)
     finally:

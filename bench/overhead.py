@@ -6,14 +6,14 @@ detokenizer, HTTP server and SSE encoding, driven by the real httpx client.
     python -m bench.overhead --streams 1,32 --repeats 3 --update-md [--server-repo DIR --label before]
 
 The server is `app.main.create_app` under uvicorn, as `python -m app` runs it, in its own process;
-only the model is replaced: `ZeroCostRunner.step` returns a fixed (rows, vocab) logits array at
-once (its argmax is one ordinary word, so greedy decoding never meets EOS). Everything a token
-passes through after the model is real: greedy sampling with its log-probability over the whole
-vocabulary, the incremental detokenizer, stop checks, the asyncio hand-over, metrics, JSON, SSE
-and the socket. `--streams N` workers send `/generate_stream` requests (a --prompt-tokens prompt,
---new-tokens tokens) back to back for --duration seconds; tokens and gaps are counted inside that
-window. Values are medians over --repeats server starts. The client shares the machine's cores
-with the server, as a co-located load balancer or client would.
+only the model is replaced: `ZeroCostRunner` returns a fixed selection at once (the top alternatives
+and their log-probabilities that the graph computes where the logits are; its first is one ordinary
+word, so greedy decoding never meets EOS). Everything a token passes through after the model is
+real: choosing from the runner's top-N, the incremental detokenizer, stop checks, the asyncio hand-
+over, metrics, JSON, SSE and the socket. `--streams N` workers send `/generate_stream` requests (a
+--prompt-tokens prompt, --new-tokens tokens) back to back for --duration seconds; tokens and gaps
+are counted inside that window. Values are medians over --repeats server starts. The client shares
+the machine's cores with the server, as a co-located load balancer or client would.
 
 `--server-repo DIR` runs the server from another checkout (e.g. `git worktree add /tmp/before
 <commit>`), for before/after numbers from the same harness; `--profile` wraps the server in
@@ -45,10 +45,11 @@ WORD = " the"  # one GPT-2 token; the fixed logits make it the argmax
 def _zero_cost_runner(vocab: int, n_positions: int, token_id: int, max_rows: int) -> Any:
     import numpy as np
 
-    from app.engine.runner import GenerationRunner, ModelInfo, PendingPrefill
+    from app.engine.runner import GenerationRunner, ModelInfo, PendingPrefill, Selected, Want
 
     class ZeroCostRunner(GenerationRunner):
-        """Benchmark only: the GenerationRunner contract with no model behind it."""
+        """Benchmark only: the GenerationRunner contract with no model behind it. Its selection
+        (what the graph computes where the logits are) is fixed: `token_id` first."""
 
         backend = "zero-cost"
         device = "cpu"
@@ -57,30 +58,38 @@ def _zero_cost_runner(vocab: int, n_positions: int, token_id: int, max_rows: int
             self.info = ModelInfo(1, 1, 1, vocab, n_positions)
             self.logits = np.zeros((max_rows + 1, vocab), np.float32)
             self.logits[:, token_id] = 10.0
+            self.ids = np.tile(np.arange(64, dtype=np.int64), (max_rows + 1, 1))
+            self.ids[:, 0], self.ids[:, token_id % 64] = token_id, 0
+            self.lps = np.full((max_rows + 1, 64), -10.0, np.float32)
+            self.lps[:, 0] = -0.01
             self.rows = 0
 
         @property
         def num_rows(self) -> int:
             return self.rows
 
-        def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-            self.rows += len(prompts)
-            return self.logits[: len(prompts)]
+        def _sel(self, n: int, want: Want | None) -> Selected:
+            k = (want or Want()).top_n
+            return Selected(self.ids[:n, :k], self.lps[:n, :k], self.logits[:n])
 
-        def step(self, tokens: Sequence[int]) -> np.ndarray:
-            return self.logits[: self.rows]
+        def add(self, prompts: Sequence[Sequence[int]], want: Want | None = None) -> Selected:
+            self.rows += len(prompts)
+            return self._sel(len(prompts), want)
+
+        def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
+            return self._sel(self.rows, want)
 
         def drop(self, rows: Sequence[int]) -> np.ndarray:
             keep = np.setdiff1d(np.arange(self.rows), np.asarray(rows, dtype=np.int64))
             self.rows = int(keep.size)
             return keep
 
-        def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+        def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
             pending.done = min(len(pending.prompt), pending.done + max(1, n_tokens))
             if pending.remaining:
                 return None
             self.rows += 1
-            return self.logits[:1]
+            return self._sel(1, want)
 
     return ZeroCostRunner()
 

@@ -2,8 +2,16 @@
 
 Generation graph: one graph for prefill (past length 0) and decode (one new token)
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
-             past_key_values.{i}.key / .value (B, n_head, P, head_dim)
-    outputs  logits (B, V) for the last position only, present.{i}.key / .value (B, n_head, P+T, head_dim)
+             the selection inputs (below), past_key_values.{i}.key / .value (B, n_head, P, head_dim)
+    outputs  logits (B, V) at each row's last kept position, the selection outputs (below),
+             present.{i}.key / .value (B, n_head, P+T, head_dim)
+Selection (`model.gpt2.select_tokens`: log-softmax, gather and top-N where the logits are):
+    inputs   logits_index (B, K) int64: flat indices (b * T + t) of the positions whose logits
+             are computed (K = 1: each row's last token; K = T: every position, to score a prompt)
+             target_ids (B, K) int64: the token whose log-probability is gathered at each
+             temperature (B,) float32: divides the last kept position's logits (1 = unchanged)
+             top_n () int64: how many alternatives per position (>= 1; the first is the argmax)
+    outputs  token_logprobs (B, K), top_ids (B, K, N) int64, top_logprobs (B, K, N)
 Classification graph: input_ids, attention_mask -> logits (B, num_labels).
 
 The fused residual-add + LayerNorm and the bias+GELU of the model emit their ONNX Runtime
@@ -25,7 +33,7 @@ from torch import nn
 from torch.export import Dim
 
 from export.manifest import DEFAULT_OPSET
-from model.gpt2 import GPT2, GPT2ForSequenceClassification, KVSlots
+from model.gpt2 import GPT2, GPT2ForSequenceClassification, KVSlots, select_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +42,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 # Friendly names for the symbolic dims the exporter invents.
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-CACHE = "max_cache_length"
+CACHE, KEEP, TOP_N = "max_cache_length", "kept_positions", "top_n"
+SELECT_INPUTS = ["logits_index", "target_ids", "temperature", "top_n"]
+SELECT_OUTPUTS = ["logits", "token_logprobs", "top_ids", "top_logprobs"]
 
 
 def kv_input_names(n_layer: int) -> list[str]:
@@ -52,9 +62,15 @@ class _GenerationGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, past):  # noqa: ANN001
-        out = self.model(input_ids, attention_mask, position_ids, past, last_only=True)
-        return (out.logits, *(t for kv in out.past_key_values for t in kv))
+    def forward(self, input_ids, attention_mask, position_ids, logits_index, target_ids, temperature, top_n,  # noqa: ANN001
+                past):  # noqa: ANN001
+        out = self.model(input_ids, attention_mask, position_ids, past, logits_index=logits_index)
+        return (*_selection(out.logits, target_ids, temperature, top_n), *(t for kv in out.past_key_values for t in kv))
+
+
+def _selection(logits, target_ids, temperature, top_n) -> tuple:  # noqa: ANN001
+    sel = select_tokens(logits, target_ids, temperature, top_n)
+    return sel.logits, sel.token_logprobs, sel.top_ids, sel.top_logprobs
 
 
 class _SlotGenerationGraph(nn.Module):
@@ -65,10 +81,11 @@ class _SlotGenerationGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, seqlens_k, total_sequence_length, past):  # noqa: ANN001
-        out = self.model(input_ids, None, position_ids, past, last_only=True,
-                         slots=KVSlots(seqlens_k, total_sequence_length))
-        return (out.logits, *(t for kv in out.past_key_values for t in kv))
+    def forward(self, input_ids, position_ids, seqlens_k, total_sequence_length, logits_index, target_ids,  # noqa: ANN001
+                temperature, top_n, past):  # noqa: ANN001
+        out = self.model(input_ids, None, position_ids, past, slots=KVSlots(seqlens_k, total_sequence_length),
+                         logits_index=logits_index)
+        return (*_selection(out.logits, target_ids, temperature, top_n), *(t for kv in out.past_key_values for t in kv))
 
 
 class _ClassificationGraph(nn.Module):
@@ -100,6 +117,26 @@ def _save(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path, dims: d
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
+
+
+def _select_example(cfg, rows: int, width: int, dev: torch.device, batch: Dim) -> tuple[tuple, dict]:  # noqa: ANN001
+    """Example selection inputs (K = 2 kept positions, N = 3) and their dynamic shapes. K and N
+    must not be 0 or 1 in the trace (torch.export would specialise them)."""
+    K = 2
+    logits_index = (torch.arange(rows, device=dev)[:, None] * width + torch.arange(width - K, width, device=dev))
+    target_ids = torch.zeros(rows, K, dtype=torch.long, device=dev)
+    temperature = torch.ones(rows, device=dev)
+    top_n = torch.tensor(3, dtype=torch.long, device=dev)
+    keep = Dim(KEEP, max=cfg.n_positions)
+    shapes = {"logits_index": {0: batch, 1: keep}, "target_ids": {0: batch, 1: keep}, "temperature": {0: batch},
+              "top_n": None}
+    return (logits_index, target_ids, temperature, top_n), shapes
+
+
+def _select_dims(cfg) -> dict[str, list]:  # noqa: ANN001
+    return {"logits_index": [BATCH, KEEP], "target_ids": [BATCH, KEEP], "temperature": [BATCH],
+            "logits": [BATCH, cfg.vocab_size], "token_logprobs": [BATCH, KEEP], "top_ids": [BATCH, KEEP, TOP_N],
+            "top_logprobs": [BATCH, KEEP, TOP_N]}
 
 
 @contextmanager
@@ -153,23 +190,25 @@ def export_generation(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET,
     kv_shape = (B, cfg.n_head, P, cfg.head_dim)
     past = tuple((torch.zeros(kv_shape, device=dev), torch.zeros(kv_shape, device=dev)) for _ in range(cfg.n_layer))
     batch, seq, plen = Dim(BATCH), Dim(SEQ, max=cfg.n_positions), Dim(PAST, max=cfg.n_positions)
+    select, select_shapes = _select_example(cfg, B, T, dev, batch)
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: Dim.AUTO},  # P + T: the exporter derives it from the graph
         "position_ids": {0: batch, 1: seq},
+        **select_shapes,
         "past": tuple(({0: batch, 2: plen}, {0: batch, 2: plen}) for _ in range(cfg.n_layer)),
     }
-    inputs = ["input_ids", "attention_mask", "position_ids", *kv_input_names(cfg.n_layer)]
-    outputs = ["logits", *kv_output_names(cfg.n_layer)]
+    inputs = ["input_ids", "attention_mask", "position_ids", *SELECT_INPUTS, *kv_input_names(cfg.n_layer)]
+    outputs = [*SELECT_OUTPUTS, *kv_output_names(cfg.n_layer)]
     logger.info("tracing the generation graph (%d layers)", cfg.n_layer)
     program = _export(
-        _GenerationGraph(model), (input_ids, attention_mask, position_ids, past),
+        _GenerationGraph(model), (input_ids, attention_mask, position_ids, *select, past),
         input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes, opset_version=opset, fused=fused,
     )
     kv_in = [BATCH, cfg.n_head, PAST, cfg.head_dim]
     kv_out = [BATCH, cfg.n_head, TOTAL, cfg.head_dim]
     dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, TOTAL], "position_ids": [BATCH, SEQ],
-            "logits": [BATCH, cfg.vocab_size]}
+            **_select_dims(cfg)}
     dims |= {n: kv_in for n in kv_input_names(cfg.n_layer)} | {n: kv_out for n in kv_output_names(cfg.n_layer)}
     _save(program, model, Path(path), dims)
 
@@ -193,23 +232,25 @@ def export_generation_gqa(model: GPT2, path: str | Path, opset: int = DEFAULT_OP
     kv_shape = (B, cfg.n_head, M, cfg.head_dim)
     past = tuple((torch.zeros(kv_shape, device=dev), torch.zeros(kv_shape, device=dev)) for _ in range(cfg.n_layer))
     batch, seq, cache = Dim(BATCH), Dim(SEQ, max=cfg.n_positions), Dim(CACHE, max=cfg.n_positions)
+    select, select_shapes = _select_example(cfg, B, T, dev, batch)
     dynamic_shapes = {
         "input_ids": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
         "seqlens_k": {0: batch},
         "total_sequence_length": None,
+        **select_shapes,
         "past": tuple(({0: batch, 2: cache}, {0: batch, 2: cache}) for _ in range(cfg.n_layer)),
     }
-    inputs = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", *kv_input_names(cfg.n_layer)]
-    outputs = ["logits", *kv_output_names(cfg.n_layer)]
+    inputs = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", *SELECT_INPUTS,
+              *kv_input_names(cfg.n_layer)]
+    outputs = [*SELECT_OUTPUTS, *kv_output_names(cfg.n_layer)]
     logger.info("tracing the GQA generation graph (%d layers)", cfg.n_layer)
     program = _export(
-        _SlotGenerationGraph(model), (input_ids, position_ids, seqlens_k, total, past),
+        _SlotGenerationGraph(model), (input_ids, position_ids, seqlens_k, total, *select, past),
         input_names=inputs, output_names=outputs, dynamic_shapes=dynamic_shapes, opset_version=opset, fused=fused,
     )
     kv = [BATCH, cfg.n_head, CACHE, cfg.head_dim]
-    dims = {"input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ], "seqlens_k": [BATCH],
-            "logits": [BATCH, cfg.vocab_size]}
+    dims = {"input_ids": [BATCH, SEQ], "position_ids": [BATCH, SEQ], "seqlens_k": [BATCH], **_select_dims(cfg)}
     dims |= {n: kv for n in kv_input_names(cfg.n_layer) + kv_output_names(cfg.n_layer)}
     _save(program, model, Path(path), dims)
 

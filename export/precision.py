@@ -23,13 +23,101 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FP32_OUTPUTS = ("logits",)
 
 
+def selection_nodes(model: onnx.ModelProto) -> tuple[str | None, list[onnx.NodeProto]]:
+    """The LM head's output tensor and the nodes after it: the log-softmax, gather and top-N that
+    the generation graph computes from the logits (`model.gpt2.select_tokens`). The head is found
+    from the `logits` output back through shape-only ops to the MatMul (or Gemm) that makes the
+    logits; the selection is every node that neither the head nor the KV cache outputs need.
+    (None, []) for a graph without that head (the classifier)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    node = producer.get("logits")
+    while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits"):
+        node = producer.get(node.input[0]) if node.op_type in _PASS_THROUGH else None
+    if node is None:
+        return None, []
+    head = node.output[0]
+    after: set[int] = set()  # the head's descendants
+    todo = [head]
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if id(n) not in after:
+                after.add(id(n))
+                todo.extend(n.output)
+    # The body is what the head and the graph outputs not made after it (the KV cache) need; the
+    # rest is the selection, with its own branches from the selection inputs (temperature).
+    made_after = {o for n in model.graph.node if id(n) in after for o in n.output}
+    body: set[int] = set()
+    todo = [head] + [o.name for o in model.graph.output if o.name not in made_after]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in body:
+            body.add(id(n))
+            todo.extend(n.input)
+    return head, [n for n in model.graph.node if id(n) not in body]  # in graph (topological) order
+
+
+_PASS_THROUGH = ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "GatherND", "Flatten")
+
+
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Convert a fp32 graph to fp16, keeping `logits` fp32."""
+    """Convert a fp32 graph to fp16, keeping `logits` and the selection after the LM head in fp32:
+    the LM head's MatMul runs in fp16 and its output is cast up once; the log-softmax (a sum over
+    the vocabulary that fp16 cannot hold to 1e-3) and the top-N run in fp32.
+
+    ONNX Runtime's float16 tool has a block list, but it casts around every blocked node and
+    names the casts after their input, so a value read by two blocked nodes gives two nodes of one
+    name (an invalid model). So the selection is taken out of the graph while it converts (the
+    LM head's output becomes a kept-fp32 graph output) and put back after."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    keep = [o.name for o in model.graph.output if o.name in FP32_OUTPUTS]
+    head, tail = selection_nodes(model)
+    g = model.graph
+    made = {o for n in tail for o in n.output}
+    outputs = list(g.output)
+    moved_vi = [vi for vi in g.value_info if vi.name in made]
+    if head is not None:
+        for n in tail:
+            g.node.remove(n)
+        for vi in moved_vi:
+            g.value_info.remove(vi)
+        del g.output[:]
+        g.output.extend([o for o in outputs if o.name not in made])
+        g.output.append(onnx.helper.make_tensor_value_info(head, onnx.TensorProto.FLOAT, None))
+    used = {i for n in g.node for i in n.input}
+    fp32_inputs = [i.name for i in g.input  # read by the selection only (temperature): stays fp32
+                   if i.name not in used and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    keep = [o.name for o in g.output if o.name in FP32_OUTPUTS or o.name == head] + fp32_inputs
     # The attention mask bias (float32 min) is clipped to the largest finite fp16 value.
-    return convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
+    model = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
+    g = model.graph
+    if head is not None:
+        g.node.extend(tail)
+        g.value_info.extend(moved_vi)
+        converted = {o.name: o for o in g.output}  # the converter's types (the KV cache is fp16 now)
+        restored = [onnx.ValueInfoProto() for _ in outputs]
+        for new, o in zip(restored, outputs, strict=True):
+            new.CopyFrom(converted.get(o.name, o))  # the selection's outputs keep their own types
+        del g.output[:]
+        g.output.extend(restored)
+    _prune_dangling(model)
+    return model
+
+
+def _prune_dangling(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is read (the converter's casts of inputs that only the
+    selection reads, which was not in the graph while it converted)."""
+    g = model.graph
+    while True:
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)
 
 
 def to_int8(model: onnx.ModelProto, out_path: Path) -> None:
@@ -46,6 +134,8 @@ def to_int8(model: onnx.ModelProto, out_path: Path) -> None:
         quantize_dynamic(
             src, out_path,
             op_types_to_quantize=["MatMul"],
+            # The selection's sum over the vocabulary (a MatMul with a ones vector) stays fp32.
+            nodes_to_exclude=[n.name for n in selection_nodes(model)[1]],
             weight_type=QuantType.QInt8,
             per_channel=True,
             # Activation x activation MatMuls (attention scores) stay fp32; only weights are int8.

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from export.providers import CUDA, with_options
-from model.gpt2 import GPT2, GPT2ForSequenceClassification
+from model.gpt2 import GPT2, GPT2ForSequenceClassification, select_tokens
 
 logger = logging.getLogger(__name__)
 
 FP32_TOL = 1e-4
+SCORE_TOP_N = 5  # alternatives compared per position (the selection outputs, `model.gpt2.select_tokens`)
 # Minimum share of positions whose next-token argmax matches PyTorch fp32 on the fixed prompt
 # set (75 positions for a generation graph). Measured: int8 1.000 on the demo LM, 0.973 on the
 # random-weight GPT-2 124M shape (near-tied logits flip first); fp16 1.000 on both tiny and demo
@@ -162,6 +163,32 @@ class _Session:
         return dict(zip(self.output_names, self.sess.run(None, cast), strict=True))
 
 
+def _last_feed(n: int, width: int) -> dict[str, np.ndarray]:
+    """Selection inputs that keep each row's last position (left padding, or equal lengths)."""
+    return {"logits_index": (np.arange(n)[:, None] * width + width - 1).astype(np.int64),
+            "target_ids": np.zeros((n, 1), np.int64), "temperature": np.ones(n, np.float32),
+            "top_n": np.array(SCORE_TOP_N, np.int64)}
+
+
+def _score_feed(row: list[int], temperature: float = 0.7) -> dict[str, np.ndarray]:
+    """Selection inputs that score every position of one prompt (targets: the next tokens), with a
+    temperature on the last position."""
+    T = len(row)
+    return {"logits_index": np.arange(T, dtype=np.int64)[None], "target_ids": np.asarray([row[1:] + [0]], np.int64),
+            "temperature": np.array([temperature], np.float32), "top_n": np.array(SCORE_TOP_N, np.int64)}
+
+
+def _compare_selection(report: ParityReport, scenario: str, out: dict[str, np.ndarray], logits: torch.Tensor,
+                       feed: dict[str, np.ndarray], gate: bool) -> None:
+    """The graph's selection outputs against `select_tokens` on PyTorch's logits (B, K, V) of the
+    same positions: the target log-probabilities and the top-N log-probabilities (ids may swap
+    where two are within rounding; their values are what is gated)."""
+    ref = select_tokens(logits.float(), torch.from_numpy(feed["target_ids"]), torch.from_numpy(feed["temperature"]),
+                        int(feed["top_n"]))
+    _compare(report, scenario, "token_logprobs", out["token_logprobs"], ref.token_logprobs.numpy(), gate)
+    _compare(report, scenario, "top_logprobs", out["top_logprobs"], ref.top_logprobs.numpy(), gate)
+
+
 def _compare(report: ParityReport, scenario: str, name: str, got: np.ndarray, ref: np.ndarray, gate: bool) -> None:
     got32, ref32 = got.astype(np.float32), ref.astype(np.float32)
     if got32.shape != ref32.shape:
@@ -193,7 +220,7 @@ def verify_generation(model: GPT2, onnx_path: Path, precision: str = "fp32", pro
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
         B = ids.shape[0]
         empty = np.zeros((B, cfg.n_head, 0, cfg.head_dim), dtype=np.float32)
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **_last_feed(B, ids.shape[1])}
         feed |= {f"past_key_values.{i}.{kv}": empty for i in range(cfg.n_layer) for kv in ("key", "value")}
         past = None
         for step in range(steps + 1):
@@ -203,19 +230,28 @@ def verify_generation(model: GPT2, onnx_path: Path, precision: str = "fp32", pro
             name = f"{label} prefill" if step == 0 else f"{label} decode step {step}"
             _compare(report, name, "logits", out["logits"], ref.logits.numpy(), gate)
             _top1(report, out["logits"], ref.logits.numpy())
+            _compare_selection(report, name, out, ref.logits[:, None], feed, gate)
             for i, (k, v) in enumerate(ref.past_key_values):
                 _compare(report, name, f"present.{i}.key", out[f"present.{i}.key"], k.numpy(), gate)
                 _compare(report, name, f"present.{i}.value", out[f"present.{i}.value"], v.numpy(), gate)
             # Same next token on both sides (PyTorch's argmax); the graph gets its own KV back.
             nxt = ref.logits.argmax(-1).numpy()[:, None].astype(np.int64)
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            feed = {"input_ids": nxt, "attention_mask": mask, "position_ids": feed["position_ids"][:, -1:] + 1}
+            feed = {"input_ids": nxt, "attention_mask": mask, "position_ids": feed["position_ids"][:, -1:] + 1,
+                    **_last_feed(B, 1)}
             feed |= {f"past_key_values.{i}.{kv}": out[f"present.{i}.{kv}"]
                      for i in range(cfg.n_layer) for kv in ("key", "value")}
             past = ref.past_key_values
 
     scenario("left-padded batch", prompts, DECODE_STEPS)
     scenario("batch 1", prompts[:1], 2)
+    row = max(prompts, key=len)  # a scored prompt: every position's log-probabilities
+    ids = np.asarray([row], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(len(row))[None],
+            **_score_feed(row)}
+    feed |= {f"past_key_values.{i}.{kv}": np.zeros((1, cfg.n_head, 0, cfg.head_dim), np.float32)
+             for i in range(cfg.n_layer) for kv in ("key", "value")}
+    _compare_selection(report, "scored prompt", sess.run(feed), model(torch.from_numpy(ids)).logits, feed, gate)
     return report
 
 
@@ -230,11 +266,17 @@ def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoi
     M = min(cfg.n_positions, max(len(p) for p in prompts) + DECODE_STEPS + 1)
     names = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in range(cfg.n_layer) for kv in ("key", "value")]
 
-    def run(ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray, bufs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray, bufs: dict[str, np.ndarray],
+            select: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        n, width = ids.shape
+        if select is None:  # each row's last real token (right padding: cache index seqlens, or the call's last)
+            last = np.minimum(seqlens, width - 1) if width > 1 else np.zeros(n, np.int64)
+            select = _last_feed(n, width)
+            select["logits_index"] = (np.arange(n) * width + last)[:, None].astype(np.int64)
         out = sess.run({"input_ids": ids, "position_ids": pos, "seqlens_k": seqlens.astype(np.int32),
-                        "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32)} | bufs)
+                        "total_sequence_length": np.array(int(seqlens.max()) + 1, np.int32)} | select | bufs)
         bufs.update({past: out[present] for past, present in names})  # the graph's own cache goes back in
-        return out["logits"]
+        return out
 
     def compare_cache(label: str, bufs: dict[str, np.ndarray], lengths: list[int], ref_kv) -> None:  # noqa: ANN001
         P = ref_kv[0][0].shape[2]
@@ -245,13 +287,20 @@ def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoi
                 want = np.stack([ref[b] for b, n in enumerate(lengths) if n == P])
                 _compare(report, label, f"present.{i}.{kind}", got, want, gate)
 
-    def scenario(label: str, rows: list[list[int]], steps: int, chunk: int | None = None) -> None:
+    def scenario(label: str, rows: list[list[int]], steps: int, chunk: int | None = None, score: bool = False) -> None:
         B, lengths = len(rows), [len(r) for r in rows]
         bufs = {past: np.zeros((B, cfg.n_head, M, cfg.head_dim), np.float32) for past, _ in names}
         if chunk:  # batch 1, two calls: the second continues the cache
             (row,) = rows
             run(np.asarray([row[:chunk]]), np.arange(chunk)[None], np.asarray([chunk - 1]), bufs)
             got = run(np.asarray([row[chunk:]]), np.arange(chunk, len(row))[None], np.asarray([len(row) - 1]), bufs)
+        elif score:  # batch 1, every position scored
+            (row,) = rows
+            sel = _score_feed(row)
+            got = run(np.asarray([row]), np.arange(len(row))[None], np.asarray([len(row) - 1]), bufs, sel)
+            _compare_selection(report, f"{label} prefill", got, model(torch.from_numpy(np.asarray([row]))).logits,
+                               sel, gate)
+            return
         else:
             T = max(lengths)
             ids, pos = np.zeros((B, T), np.int64), np.zeros((B, T), np.int64)
@@ -263,8 +312,9 @@ def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoi
                                                                                               None)), last_only=True)
         for step in range(steps + 1):
             name = f"{label} prefill" if step == 0 else f"{label} decode step {step}"
-            _compare(report, name, "logits", got, ref.logits.numpy(), gate)
-            _top1(report, got, ref.logits.numpy())
+            _compare(report, name, "logits", got["logits"], ref.logits.numpy(), gate)
+            _top1(report, got["logits"], ref.logits.numpy())
+            _compare_selection(report, name, got, ref.logits[:, None], _last_feed(B, 1), gate)
             compare_cache(name, bufs, lengths, ref.past_key_values)
             if step == steps:
                 break
@@ -281,6 +331,7 @@ def _verify_generation_gqa(model: GPT2, sess: _Session, precision: str, checkpoi
     longest = max(prompts, key=len)
     if len(longest) > 1:
         scenario("chunked prompt", [longest], 1, chunk=len(longest) // 2)
+        scenario("scored prompt", [longest], 0, score=True)
     return report
 
 

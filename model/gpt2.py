@@ -103,8 +103,55 @@ class GPT2Config:
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, V) with last_only=True
+    logits: torch.Tensor  # (B, T, V); (B, V) with last_only=True; (B, K, V) with logits_index
     past_key_values: KVCache
+
+
+@dataclass
+class Selection:
+    """What the generation graph returns besides the cache: the next-token choice and the
+    log-probabilities, computed where the logits are, so only these cross to the host.
+    K = the positions kept (`logits_index`), N = `top_n`."""
+
+    logits: torch.Tensor  # (B, V) raw logits at each row's last kept position (for host-side sampling)
+    token_logprobs: torch.Tensor  # (B, K) log p(target_ids[b, k]) at each kept position
+    top_ids: torch.Tensor  # (B, K, N) int64, the N most likely tokens, best first (ties: lower id first)
+    top_logprobs: torch.Tensor  # (B, K, N) their log-probabilities
+
+
+def select_tokens(logits: torch.Tensor, target_ids: torch.Tensor, temperature: torch.Tensor,
+                  top_n: torch.Tensor | int) -> Selection:
+    """Log-softmax, the gather of `target_ids` and the top `top_n` of `logits` (B, K, V).
+
+    The last kept position of each row is the next-token distribution: it is divided by the row's
+    `temperature` (B,) first (1 = unchanged), so its log-probabilities are those sampling draws
+    from. The positions before it score a prompt: raw. The top-N are taken on the (scaled) logits
+    themselves rather than on the log-probabilities, so the first is exactly the argmax (a
+    subtraction can round two neighbouring logits into a tie). `top_n` is a 0-d int64 tensor in
+    the graph (a graph input: the caller picks N per call) or an int."""
+    if isinstance(top_n, torch.Tensor):
+        n = top_n.item()
+        torch._check(n >= 1)
+        torch._check(n <= logits.shape[-1])
+    else:
+        n = top_n
+    last = logits[:, -1:, :] / temperature[:, None, None]  # (B, 1, V)
+    z = torch.cat([logits[:, :-1, :], last], dim=1)  # (B, K, V)
+    # log-sum-exp written out with the max subtracted. Against float64 on the demo LM's prompts,
+    # ONNX Runtime's ReduceLogSumExp was off by up to 8e-4 (and took 56 ms for 32 x 50,257), its
+    # ReduceSum of the exponentials by 4e-5; a product with a ones vector (MatMul accumulates in
+    # blocks) by 2e-6. In eager PyTorch the opposite holds (its matrix-vector product: 1e-4, its
+    # pairwise sum: 1e-6), so each side takes its accurate sum.
+    peak = z.max(dim=-1, keepdim=True).values  # (B, K, 1)
+    e = torch.exp(z - peak)
+    if torch.onnx.is_in_onnx_export():
+        total = e @ torch.ones(z.shape[-1], 1, dtype=z.dtype, device=z.device)
+    else:
+        total = e.sum(dim=-1, keepdim=True)
+    lse = peak + torch.log(total)  # (B, K, 1)
+    top_vals, top_ids = torch.topk(z, n, dim=-1)  # (B, K, N) each
+    picked = torch.gather(z, 2, target_ids.unsqueeze(-1))  # (B, K, 1)
+    return Selection(logits[:, -1, :], (picked - lse).squeeze(-1), top_ids, top_vals - lse)
 
 
 @dataclass
@@ -366,9 +413,16 @@ class GPT2(nn.Module):
         past_key_values: KVCache | None = None,
         last_only: bool = False,
         slots: KVSlots | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> CausalLMOutput:
+        """`logits_index` (B, K) int64: flat indices into this call's B * T token positions
+        (b * T + t) whose logits to compute, K per row (the generation graph's way to keep the
+        last position, or every position of a prompt being scored, without a Shape-derived
+        index: a host-computed input keeps the graph capturable as a CUDA graph)."""
         hidden, presents = self.transformer(input_ids, attention_mask, position_ids, past_key_values, slots)
-        if last_only:
+        if logits_index is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[logits_index]  # (B*T, C) -> (B, K, C)
+        elif last_only:
             # Generation needs the next-token distribution only: (B, V), never (B, T, V).
             if slots is None:
                 hidden = hidden[:, -1, :]

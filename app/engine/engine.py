@@ -53,7 +53,8 @@ class Engine:
     def __init__(self, generation: Loaded | None, classification: Loaded | None, max_batch_size: int = 32,
                  max_batch_total_tokens: int = 32768, max_input_tokens: int | None = None,
                  max_total_tokens: int | None = None, prefill_chunk_tokens: int = 64,
-                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2) -> None:
+                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
+                 score_chunk_tokens: int = 128) -> None:
         self.generation = generation
         self.max_total_tokens = max_total_tokens
         self.classification = classification
@@ -70,7 +71,7 @@ class Engine:
             classification.runner if classification else None, max_batch_size, max_batch_total_tokens,
             eos_token_id=self.tokenizer.eos_token_id if self.tokenizer else None,
             prefill_chunk_tokens=prefill_chunk_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
-            waiting_served_ratio=waiting_served_ratio,
+            waiting_served_ratio=waiting_served_ratio, score_chunk_tokens=score_chunk_tokens,
         )
 
     @classmethod
@@ -79,14 +80,15 @@ class Engine:
              num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
              cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
-             max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2) -> Engine:
+             max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
+             score_chunk_tokens: int = 128) -> Engine:
         """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
                   cancel=cancel)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
         return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
-                   prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio)
+                   prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens)
 
     def start(self) -> None:
         self.warmup()

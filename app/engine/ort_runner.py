@@ -28,13 +28,20 @@ from app.engine.runner import (
     ModelInfo,
     PaddedRunner,
     PendingPrefill,
+    PromptScores,
+    Selected,
+    Want,
     left_pad,
+    parse_selection,
+    select_inputs,
 )
 from export.providers import CUDA, providers_for
 
 logger = logging.getLogger(__name__)
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+SELECT_INPUTS = ("logits_index", "target_ids", "temperature", "top_n")
+SELECT_OUTPUTS = ("logits", "token_logprobs", "top_ids", "top_logprobs")
 
 
 class GraphContractError(RuntimeError):
@@ -79,7 +86,7 @@ def _kv_contract(sess: ort.InferenceSession, inputs: Sequence[str],
         raise GraphContractError("ONNX graph has no past_key_values.{i}.key/value inputs")
     past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
     present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-    _require(sess, [*inputs, *past_names], ["logits", *present_names])
+    _require(sess, [*inputs, *SELECT_INPUTS, *past_names], [*SELECT_OUTPUTS, *present_names])
     shape = past[0][2].shape  # (batch, n_head, past or cache length, head_dim): n_head, head_dim static
     kv_dtype = np.float16 if past[0][2].type == "tensor(float16)" else np.float32
     vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
@@ -113,25 +120,29 @@ class OrtGenerationRunner(PaddedRunner):
     def _to_host(self, kv: KV) -> list[np.ndarray]:
         return [v.numpy() for v in kv] if self.io_binding else kv
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None) -> tuple[np.ndarray, KV]:
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None, sel: dict[str, np.ndarray],
+                 want_logits: bool) -> tuple[tuple, KV]:
         kv = kv if kv is not None else self._empty_kv(ids.shape[0])
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **sel}
         if not self.io_binding:
-            feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(self.past_names, kv,
-                                                                                                strict=True))}
-            outs = self.sess.run(["logits", *self.present_names], feed)
-            return outs[0], outs[1:]
+            outs = self.sess.run([*SELECT_OUTPUTS, *self.present_names],
+                                 feed | dict(zip(self.past_names, kv, strict=True)))
+            return tuple(outs[:4]), outs[4:]
         binding = self.sess.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", pos)
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, kv, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        # Only the selection crosses to the host; the (B, V) logits stay on the device unless asked.
+        binding.bind_output("logits", "cpu" if want_logits else "cuda", 0)
+        for name in SELECT_OUTPUTS[1:]:
+            binding.bind_output(name, "cpu")
         for name in self.present_names:
             binding.bind_output(name, "cuda", 0)
         self.sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return outs[0].numpy(), list(outs[1:])
+        logits = outs[0].numpy() if want_logits else None
+        return (logits, *(o.numpy() for o in outs[1:4])), list(outs[4:])
 
     # KV moves: numpy on CPU; through the host on CUDA (only when batch membership changes).
     def _map(self, kv: KV, fn) -> KV:  # noqa: ANN001
@@ -202,28 +213,34 @@ class OrtSlotRunner(GenerationRunner):
             new.append(buf)
         self.bufs, self.capacity = new, cap
 
-    def _run(self, ids: np.ndarray, pos: np.ndarray, seqlens_k: np.ndarray, rows: slice) -> np.ndarray:
-        """One call on buffer rows `rows`; `seqlens_k` (n,) is each row's last cache index after it."""
+    def _run(self, ids: np.ndarray, pos: np.ndarray, seqlens_k: np.ndarray, rows: slice,
+             sel: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One call on buffer rows `rows`; `seqlens_k` (n,) is each row's last cache index after it.
+        Returns the selection outputs (logits, token_logprobs, top_ids, top_logprobs)."""
         binding = self.sess.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", seqlens_k.astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
-        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        for name, value in sel.items():
+            binding.bind_cpu_input(name, value)
+        for name in SELECT_OUTPUTS:  # bound first: get_outputs() follows binding order
+            binding.bind_output(name, "cpu")
         views = [ort.OrtValue.ortvalue_from_numpy(buf[rows]) for buf in self.bufs]  # no copy: numpy memory
         for past, present, view in zip(self.past_names, self.present_names, views, strict=True):
             binding.bind_ortvalue_input(past, view)
             binding.bind_ortvalue_output(present, view)
         self.sess.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return [o.numpy() for o in binding.get_outputs()[:4]]
 
     def _check_room(self, lengths: np.ndarray) -> None:
         if lengths.size and int(lengths.max()) > self.info.n_positions:
             raise ValueError(f"a sequence would exceed the context of {self.info.n_positions} tokens")
 
-    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def add(self, prompts: Sequence[Sequence[int]], want: Want | None = None) -> Selected:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        want = want or Want()
         lengths = np.asarray([len(p) for p in prompts], np.int64)
         self._check_room(lengths)
         n, k, T = self.num_rows, len(prompts), int(lengths.max())
@@ -233,18 +250,23 @@ class OrtSlotRunner(GenerationRunner):
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
             pos[b, :len(p)] = np.arange(len(p))
-        logits = self._run(ids, pos, lengths - 1, slice(n, n + k))
+        first, last = np.zeros(k, np.int64), lengths - 1
+        logits, *sel = self._run(ids, pos, lengths - 1, slice(n, n + k),
+                                 select_inputs(first, last, T, want, prompts))
         self.lengths = np.concatenate([self.lengths, lengths])
-        return logits
+        return parse_selection(first, last, want, *sel, logits)
 
-    def step(self, tokens: Sequence[int]) -> np.ndarray:
+    def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
         if len(tokens) != self.num_rows:
             raise ValueError(f"step got {len(tokens)} tokens for {self.num_rows} rows")
+        want = want or Want()
         self._check_room(self.lengths + 1)
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
-        logits = self._run(ids, self.lengths.reshape(-1, 1), self.lengths, slice(0, self.num_rows))
+        zero = np.zeros(self.num_rows, np.int64)
+        logits, *sel = self._run(ids, self.lengths.reshape(-1, 1), self.lengths, slice(0, self.num_rows),
+                                 select_inputs(zero, zero, 1, want))
         self.lengths = self.lengths + 1
-        return logits
+        return parse_selection(zero, zero, want, *sel, logits)
 
     def drop(self, rows: Sequence[int]) -> np.ndarray:
         n = self.num_rows
@@ -263,19 +285,28 @@ class OrtSlotRunner(GenerationRunner):
         self.lengths = self.lengths[order]
         return order
 
-    def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+    def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
+        want = want or Want()
         ids, pos, end = pending.next_chunk(n_tokens)
         self._check_room(np.asarray([end]))
-        logits = self._run(ids, pos, np.asarray([end - 1]), slice(self.capacity, self.capacity + 1))
+        c = ids.shape[1]
+        first, last = np.zeros(1, np.int64), np.full(1, c - 1)
+        logits, *sel = self._run(ids, pos, np.asarray([end - 1]), slice(self.capacity, self.capacity + 1),
+                                 select_inputs(first, last, c, want, [pending.prompt], [pending.done]))
+        out = parse_selection(first, last, want, *sel, logits, final=end == len(pending.prompt))
+        if out.prompt is not None:
+            pending.scores.append(out.prompt[0])
         pending.done = end
         if pending.remaining:
             return None
+        if pending.scores:
+            out.prompt, pending.scores = [PromptScores.concat(pending.scores)], []
         n = self.num_rows
         self._grow(n + 1)
         for buf in self.bufs:
             buf[n, :, :end] = buf[self.capacity, :, :end]
         self.lengths = np.concatenate([self.lengths, [end]])
-        return logits
+        return out
 
 
 class OrtClassificationRunner(ClassificationRunner):

@@ -1,13 +1,16 @@
 """The runner interface: a running batch of sequences whose KV cache lives inside the runner.
 
-    add(prompts)          prefill new rows together and append them to the batch
-    step(tokens)          one decode step for every row; returns last-position logits (B, V)
+    add(prompts, want)    prefill new rows together and append them to the batch
+    step(tokens, want)    one decode step for every row
     drop(rows)            remove rows (finished or cancelled) at once; returns the new row order
-    start_prefill(prompt) / advance(pending, n) / abort(pending)
+    start_prefill(prompt) / advance(pending, n, want) / abort(pending)
                           prefill one prompt a chunk at a time, between decode steps; the row
                           joins the batch (as its last row) when its last chunk is done
-Logits come back as numpy float32 (sampling runs on the host); ids go in as numpy int64. The KV
-cache never leaves the runner's device.
+Each call returns a `Selected`: per row the top-N next tokens and their log-probabilities
+(the first is the argmax), computed where the logits are (`model.gpt2.select_tokens`, in the
+ONNX graph or the PyTorch model), the prompt's log-probabilities for the rows `want.score` names,
+and the raw last-position logits for the host-side sampling that needs the whole vocabulary
+(penalties, top-p). The KV cache never leaves the runner's device.
 
 Two bookkeeping schemes implement it:
 - `PaddedRunner` (PyTorch, and ONNX graphs with the standard past/present signature): rows are
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,12 +58,101 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray
 
 
 @dataclass
+class Want:
+    """What one runner call returns besides updating the cache."""
+
+    top_n: int = 1  # alternatives at each row's last position (the first is the argmax)
+    temperature: np.ndarray | None = None  # (n,) float32 per row, for the last position; None: 1
+    score: Sequence[int] = ()  # rows (of this call) whose prompt is scored at every position
+    score_top_n: int = 0  # alternatives at each scored prompt position
+    logits: bool = True  # whether the raw logits must reach the host (free on CPU; a copy on CUDA)
+
+    @property
+    def n(self) -> int:
+        """N of the graph's top-N: enough for both the next token and the prompt positions."""
+        return max(1, self.top_n, self.score_top_n if self.score else 0)
+
+
+@dataclass
+class PromptScores:
+    """A scored prompt of L tokens: entry i is about token i + 1 given the tokens before it."""
+
+    token_logprobs: np.ndarray  # (L-1,) float32
+    top_ids: np.ndarray  # (L-1, n) int64, best first
+    top_logprobs: np.ndarray  # (L-1, n) float32
+
+    @staticmethod
+    def concat(parts: Sequence[PromptScores]) -> PromptScores:
+        return PromptScores(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                              ("token_logprobs", "top_ids", "top_logprobs")))
+
+
+@dataclass
+class Selected:
+    """A runner call's result, one row per sequence of the call."""
+
+    top_ids: np.ndarray  # (n, N) int64: the most likely next tokens, best first ([:, 0] is the argmax)
+    top_logprobs: np.ndarray  # (n, N) float32: their log-probabilities (after the row's temperature)
+    logits: np.ndarray | None = None  # (n, V) raw next-token logits, when `want.logits`
+    prompt: list[PromptScores | None] | None = None  # per row, for the rows `want.score` named
+
+
+def select_inputs(first: np.ndarray, last: np.ndarray, width: int, want: Want,
+                  prompts: Sequence[Sequence[int]] | None = None, starts: Sequence[int] | None = None,
+                  ) -> dict[str, np.ndarray]:
+    """The generation graph's selection inputs for a call of n rows x `width` tokens, where row
+    b's tokens sit at positions first[b]..last[b] of the call (right padding: first = 0; left
+    padding: last = width - 1).
+
+    A row that is not scored keeps one position, its last, repeated K times (K = the most
+    positions any scored row has). A scored row keeps all its positions, front-padded with its
+    first to K; `target_ids` there are the prompt's next tokens (row b's tokens of this call are
+    prompts[b][starts[b]:], as a chunk starts mid-prompt). The last position's target is unused:
+    its token is the one to come."""
+    n = len(last)
+    K = max([1] + [int(last[b] - first[b]) + 1 for b in want.score])
+    offs = np.arange(K) - (K - 1)  # (K,) = -(K-1), ..., -1, 0
+    idx = np.repeat(np.asarray(last)[:, None], K, axis=1)
+    target = np.zeros((n, K), np.int64)
+    for b in want.score:
+        pos = np.clip(last[b] + offs, first[b], None)  # (K,) the row's positions, front-padded
+        idx[b] = pos
+        ahead = (starts[b] if starts is not None else 0) + (pos - first[b]) + 1  # prompt index of the next token
+        target[b] = np.asarray(prompts[b], np.int64)[np.clip(ahead, 0, len(prompts[b]) - 1)]
+    temperature = want.temperature if want.temperature is not None else np.ones(n, np.float32)
+    return {"logits_index": (np.arange(n)[:, None] * width + idx).astype(np.int64), "target_ids": target,
+            "temperature": np.ascontiguousarray(temperature, dtype=np.float32), "top_n": np.array(want.n, np.int64)}
+
+
+def parse_selection(first: np.ndarray, last: np.ndarray, want: Want, token_logprobs: np.ndarray,
+                    top_ids: np.ndarray, top_logprobs: np.ndarray, logits: np.ndarray | None,
+                    final: bool = True) -> Selected:
+    """The `Selected` of a call from the graph's selection outputs. A scored row's scores cover its
+    positions of this call except, when `final` (the call ends the prompt), the last one: that
+    position's distribution is the next token's, not a prompt token's."""
+    n_top = max(1, want.top_n)
+    prompt = None
+    if want.score:
+        prompt = [None] * len(last)
+        K, k = top_ids.shape[1], want.score_top_n
+        for b in want.score:
+            L = int(last[b] - first[b]) + 1
+            cols = slice(K - L, K - 1 if final else K)
+            prompt[b] = PromptScores(np.asarray(token_logprobs[b, cols], np.float32),
+                                     np.asarray(top_ids[b, cols, :k], np.int64),
+                                     np.asarray(top_logprobs[b, cols, :k], np.float32))
+    return Selected(np.asarray(top_ids[:, -1, :n_top], np.int64), np.asarray(top_logprobs[:, -1, :n_top], np.float32),
+                    logits, prompt)
+
+
+@dataclass
 class PendingPrefill:
     """A prompt being prefilled a chunk at a time; `state` belongs to the runner."""
 
     prompt: list[int]
     done: int = 0  # tokens already in the cache
     state: Any = None
+    scores: list[PromptScores] = field(default_factory=list)  # scored chunks so far (when scored)
 
     @property
     def remaining(self) -> int:
@@ -86,12 +178,12 @@ class GenerationRunner(ABC):
     def num_rows(self) -> int: ...
 
     @abstractmethod
-    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """Prefill `prompts` and append them as new rows; returns their next-token logits (n, V)."""
+    def add(self, prompts: Sequence[Sequence[int]], want: Want | None = None) -> Selected:
+        """Prefill `prompts` and append them as new rows; returns their next-token selection."""
 
     @abstractmethod
-    def step(self, tokens: Sequence[int]) -> np.ndarray:
-        """Feed one token per row; returns next-token logits (B, V)."""
+    def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
+        """Feed one token per row; returns the next-token selection of every row."""
 
     @abstractmethod
     def drop(self, rows: Sequence[int]) -> np.ndarray:
@@ -104,9 +196,10 @@ class GenerationRunner(ABC):
         return PendingPrefill(list(prompt))
 
     @abstractmethod
-    def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+    def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
         """Prefill up to `n_tokens` more of `pending`'s prompt. When that finishes it, the row is
-        appended to the batch and its next-token logits (1, V) are returned; else None."""
+        appended to the batch and its selection (one row; with the whole prompt's scores when
+        `want.score`) is returned; else None."""
 
     def abort(self, pending: PendingPrefill) -> None:  # noqa: B027 - optional hook
         """Forget a pending prefill (cancelled)."""
@@ -138,8 +231,11 @@ class PaddedRunner(GenerationRunner):
 
     # ---- what a backend provides -------------------------------------------------------------
     @abstractmethod
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None) -> tuple[np.ndarray, KV]:
-        """Run the graph: ids/pos (n, T), mask (n, P+T), kv with past length P (None: P = 0)."""
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None, sel: dict[str, np.ndarray],
+                 want_logits: bool) -> tuple[tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray], KV]:
+        """Run the graph: ids/pos (n, T), mask (n, P+T), kv with past length P (None: P = 0), `sel`
+        the selection inputs (`select_inputs`). Returns ((logits or None unless `want_logits`,
+        token_logprobs, top_ids, top_logprobs), kv)."""
 
     @abstractmethod
     def _kv_pad_left(self, kv: KV, cols: int) -> KV: ...
@@ -154,24 +250,38 @@ class PaddedRunner(GenerationRunner):
     def _kv_drop_cols(self, kv: KV, cols: int) -> KV: ...
 
     # ---- the batch ---------------------------------------------------------------------------
-    def add(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    def add(self, prompts: Sequence[Sequence[int]], want: Want | None = None) -> Selected:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        want = want or Want()
         ids, mask = left_pad(prompts)
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-        logits, kv = self._forward(ids, mask, pos, None)
+        T = ids.shape[1]
+        first, last = T - mask.sum(-1), np.full(len(prompts), T - 1)
+        (logits, *sel), kv = self._forward(ids, mask, pos, None, select_inputs(first, last, T, want, prompts),
+                                           want.logits)
         self._merge(kv, mask, mask.sum(-1))
-        return logits
+        return parse_selection(first, last, want, *sel, logits)
 
-    def advance(self, pending: PendingPrefill, n_tokens: int) -> np.ndarray | None:
+    def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
+        want = want or Want()
         ids, pos, end = pending.next_chunk(n_tokens)
-        logits, kv = self._forward(ids, np.ones((1, end), np.int64), pos, pending.state)
+        c = ids.shape[1]
+        first, last = np.zeros(1, np.int64), np.full(1, c - 1)
+        final = end == len(pending.prompt)
+        sel_in = select_inputs(first, last, c, want, [pending.prompt], [pending.done])
+        (logits, *sel), kv = self._forward(ids, np.ones((1, end), np.int64), pos, pending.state, sel_in, want.logits)
         pending.state, pending.done = kv, end
+        out = parse_selection(first, last, want, *sel, logits, final)
+        if out.prompt is not None:
+            pending.scores.append(out.prompt[0])
         if pending.remaining:
             return None
-        pending.state = None
+        if pending.scores:
+            out.prompt = [PromptScores.concat(pending.scores)]
+        pending.state, pending.scores = None, []
         self._merge(kv, np.ones((1, end), np.int64), np.asarray([end], np.int64))
-        return logits
+        return out
 
     def _merge(self, kv: KV, mask: np.ndarray, next_pos: np.ndarray) -> None:
         """Append rows (their KV, (n, T) mask and next positions) to the batch."""
@@ -189,14 +299,18 @@ class PaddedRunner(GenerationRunner):
             self.mask = np.concatenate([_pad_cols(self.mask, width), _pad_cols(mask, width)])
             self.next_pos = np.concatenate([self.next_pos, next_pos])
 
-    def step(self, tokens: Sequence[int]) -> np.ndarray:
+    def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
         if len(tokens) != self.num_rows:
             raise ValueError(f"step got {len(tokens)} tokens for {self.num_rows} rows")
+        want = want or Want()
+        n = self.num_rows
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
-        mask = np.concatenate([self.mask, np.ones((self.num_rows, 1), np.int64)], axis=1)
-        logits, self.kv = self._forward(ids, mask, self.next_pos.reshape(-1, 1), self.kv)
+        mask = np.concatenate([self.mask, np.ones((n, 1), np.int64)], axis=1)
+        zero = np.zeros(n, np.int64)
+        (logits, *sel), self.kv = self._forward(ids, mask, self.next_pos.reshape(-1, 1), self.kv,
+                                                select_inputs(zero, zero, 1, want), want.logits)
         self.mask, self.next_pos = mask, self.next_pos + 1
-        return logits
+        return parse_selection(zero, zero, want, *sel, logits)
 
     def drop(self, rows: Sequence[int]) -> np.ndarray:
         keep = np.setdiff1d(np.arange(self.num_rows), np.asarray(rows, dtype=np.int64))

@@ -72,9 +72,33 @@ class Sampler:
         return p.top_p not in (None, 1.0) or not p.top_k or p.top_k > MAX_TOP_K
 
     @property
-    def plain_greedy(self) -> bool:
-        """Argmax with no penalty: the scheduler picks these rows' tokens in one batched call."""
-        return not self.params.sampling and not self._penalized
+    def top_n(self) -> int:
+        """How many of the runner's top alternatives choosing from them needs (rows that do not
+        need the logits): 1 for greedy, k for top-k sampling."""
+        return self.params.top_k if self.params.sampling and self.params.top_k else 1
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the runner applies to this row's next-token distribution (1 when the
+        host samples from the raw logits, or for greedy)."""
+        p = self.params
+        return float(p.temperature) if p.sampling and not self.needs_logits and p.temperature else 1.0
+
+    def from_top(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[int, float]:
+        """Choose from the runner's top alternatives (`ids`, `logprobs` (N,), best first, after
+        this row's temperature) when `needs_logits` is False: the first for greedy, else a draw
+        from the top k renormalised (transformers' top-k warper; a tie at the k-th value keeps the
+        lower id, as ONNX's TopK orders ties)."""
+        if not self.params.sampling:
+            j = 0
+        else:
+            k = self.top_n
+            p = np.exp(logprobs[:k].astype(np.float64) - float(logprobs[0]))
+            cdf = np.cumsum(p)
+            j = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), k - 1)
+        token = int(ids[j])
+        self.record(token)
+        return token, float(logprobs[j])
 
     def __call__(self, logits: np.ndarray) -> tuple[int, float]:
         """Choose the next token from one row of logits (V,); returns (id, logprob)."""
@@ -83,27 +107,9 @@ class Sampler:
         return token, logprob
 
     def record(self, token: int) -> None:
-        """A token chosen for this request (here or by `greedy_rows`)."""
+        """A token chosen for this request (here or by `from_top`)."""
         if self._penalized:
             self.seen.add(token)
-
-
-def greedy_rows(logits: np.ndarray, scratch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax of every row of (B, V) logits and its log-probability, in one vectorized pass: the
-    same numbers as `choose` row by row, without a Python call and three V-sized temporaries per
-    token. log p(argmax) = x_max - x_max - log(sum(exp(x - x_max))) = -log(sum(exp(x - x_max))).
-
-    `scratch` (float32, at least (B, V)) is reused for exp(x - x_max): a fresh (B, V) temporary
-    every step is a large allocation, which the allocator maps and the first write page-faults."""
-    x = logits.astype(np.float32, copy=False)
-    B = x.shape[0]
-    tokens = x.argmax(-1)
-    if scratch is None or scratch.shape[0] < B or scratch.shape[1:] != x.shape[1:]:
-        scratch = np.empty_like(x)
-    z = scratch[:B]
-    np.subtract(x, x[np.arange(B), tokens][:, None], out=z)
-    np.exp(z, out=z)
-    return tokens, -np.log(z.sum(-1))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: set[int] | list[int], penalty: float) -> np.ndarray:

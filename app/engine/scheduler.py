@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill
-from app.engine.sampling import Sampler, SamplingParams, greedy_rows
+from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill, PromptScores, Selected, Want
+from app.engine.sampling import Sampler, SamplingParams
 from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,10 @@ class _Seq:
     """One generation request inside the scheduler."""
 
     def __init__(self, req: GenerationRequest, tokenizer: GPT2Tokenizer, eos_id: int | None,
-                 emit: Callable[[Any], None]) -> None:
+                 emit: Callable[[Any], None], context_limit: int = 1 << 30) -> None:
         self.req = req
+        self.context_limit = context_limit
+        self.prompt: list[PromptToken] | None = None
         self.sampler = Sampler(req.params, req.prompt_ids)
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
         self.tokenizer = tokenizer
@@ -117,18 +119,50 @@ class _Seq:
         self.last_token = -1
         self.budget = len(req.prompt_ids) + req.max_new_tokens
 
-    def accept(self, logits_row: np.ndarray, context_limit: int, chosen: tuple[int, float] | None = None) -> None:
-        """Sample the next token from `logits_row` (or take `chosen`, picked for the whole batch at
-        once), emit it, and decide whether we are done."""
-        if chosen is None:
-            token_id, logprob = self.sampler(logits_row)
+    @property
+    def top_n(self) -> int:
+        """Alternatives this row needs from the runner: for choosing (`Sampler.top_n`) and for
+        the `logprobs` it reports."""
+        return max(self.sampler.top_n, self.req.logprobs or 0)
+
+    def top_tokens(self, ids: np.ndarray, logprobs: np.ndarray, n: int) -> list[TopToken]:
+        return [TopToken(int(i), self.tokenizer.id_to_token_text(int(i)), float(lp))
+                for i, lp in zip(ids[:n], logprobs[:n], strict=True)]
+
+    def choose(self, sel: Selected, row: int) -> None:
+        """Pick this row's next token from the runner's selection (the top-N, or the whole
+        vocabulary's logits when the sampler needs them) and accept it."""
+        ids, lps = sel.top_ids[row], sel.top_logprobs[row]
+        if self.sampler.needs_logits:
+            token_id, logprob = self.sampler(sel.logits[row])
         else:
-            token_id, logprob = chosen
-            self.sampler.record(token_id)
+            token_id, logprob = self.sampler.from_top(ids, lps)
+        self.accept(token_id, logprob, self.top_tokens(ids, lps, self.req.logprobs or 0))
+
+    def scored_prompt(self, scores: PromptScores | None) -> list[PromptToken]:
+        """The prompt's tokens with their log-probabilities (the first has none), as asked."""
+        ids, k = self.req.prompt_ids, self.req.prompt_logprobs or 0
+        out = [PromptToken(ids[0], self.tokenizer.id_to_token_text(ids[0]), None)]
+        for i, tok in enumerate(ids[1:]):
+            top = self.top_tokens(scores.top_ids[i], scores.top_logprobs[i], k)
+            out.append(PromptToken(tok, self.tokenizer.id_to_token_text(tok), float(scores.token_logprobs[i]), top))
+        return out
+
+    def start(self, scores: PromptScores | None) -> None:
+        """The prompt is in the cache. A score-only request (max_new_tokens == 0) ends here."""
+        if self.req.prompt_logprobs is not None:
+            self.prompt = self.scored_prompt(scores)
+        if self.req.max_new_tokens == 0:
+            self.finished = True
+            finish = Finish("length", "", 0, None, [], self.prompt)
+            self.emit(StreamEvent(0, None, finish, "", self.prompt))
+
+    def accept(self, token_id: int, logprob: float, top: list[TopToken] | None = None) -> None:
+        """Emit the chosen token and decide whether we are done."""
         self.last_token = token_id
         special = token_id in self.tokenizer.special_ids
         delta = self.decoder.push(token_id)
-        tok = Token(token_id, self.tokenizer.id_to_token_text(token_id), logprob, special)
+        tok = Token(token_id, self.tokenizer.id_to_token_text(token_id), logprob, special, top or [])
         self.tokens.append(tok)
         reason = None
         self.text += delta
@@ -143,7 +177,7 @@ class _Seq:
                 self.text = self.text[: i + len(s)]  # the stop sequence is kept, as TGI does
                 reason = "stop_sequence"
         if reason is None and (len(self.tokens) >= self.req.max_new_tokens
-                               or len(self.req.prompt_ids) + len(self.tokens) >= context_limit):
+                               or len(self.req.prompt_ids) + len(self.tokens) >= self.context_limit):
             reason = "length"
         finish = None
         if reason is not None:
@@ -151,12 +185,17 @@ class _Seq:
                 self.text += self.decoder.flush()
             self.finished = True
             seed = self.sampler.seed if self.req.params.sampling else None  # greedy has no seed, as in TGI
-            finish = Finish(reason, self.text, len(self.tokens), seed, list(self.tokens))
-        self.emit(StreamEvent(len(self.tokens) - 1, tok, finish, delta))
+            finish = Finish(reason, self.text, len(self.tokens), seed, list(self.tokens), self.prompt)
+        first = len(self.tokens) == 1
+        self.emit(StreamEvent(len(self.tokens) - 1, tok, finish, delta, self.prompt if first else None))
 
     def fail(self, exc: BaseException) -> None:
         self.finished = True
         self.emit(exc)
+
+
+def _scored(seq: _Seq) -> bool:
+    return seq.req.prompt_logprobs is not None
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -177,7 +216,8 @@ class Scheduler:
                  classifier: ClassificationRunner | None = None, max_batch_size: int = 8,
                  max_batch_total_tokens: int = 16384, eos_token_id: int | None = None,
                  on_step: Callable[[dict[str, float]], None] | None = None, prefill_chunk_tokens: int = 64,
-                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2) -> None:
+                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
+                 score_chunk_tokens: int = 128) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.classifier = classifier
@@ -189,6 +229,9 @@ class Scheduler:
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self.max_batch_prefill_tokens = max(1, max_batch_prefill_tokens)
         self.waiting_served_ratio = waiting_served_ratio
+        # A scored prompt's call computes (positions, vocabulary) logits: 128 x 50,257 floats is
+        # 26 MB, and the log-softmax and top-k temporaries a few times that.
+        self.score_chunk_tokens = max(1, score_chunk_tokens)
         self._queue: deque[_Seq] = deque()
         self._prefilling: deque[_Seq] = deque()  # admitted, prompt not yet in the cache
         self._chunked: tuple[_Seq, PendingPrefill] | None = None  # the prompt being prefilled in chunks
@@ -196,7 +239,6 @@ class Scheduler:
         self._active: list[_Seq] = []
         # Events made during one iteration, delivered together by `_flush` (worker thread only).
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = []
-        self._scratch: np.ndarray | None = None  # greedy_rows' (max_batch_size, V) work buffer
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
@@ -225,7 +267,8 @@ class Scheduler:
                queue: asyncio.Queue) -> _Seq:
         if self.runner is None or self.tokenizer is None:
             raise RuntimeError("no generation model is loaded")
-        seq = _Seq(req, self.tokenizer, self.eos_id, lambda ev: self._outbox.append((loop, queue, ev)))
+        seq = _Seq(req, self.tokenizer, self.eos_id, lambda ev: self._outbox.append((loop, queue, ev)),
+                   self.context_limit)
         with self._cond:
             self._queue.append(seq)
             self._cond.notify()
@@ -325,13 +368,23 @@ class Scheduler:
                 used += head.budget
         return admitted
 
+    def _want(self, seqs: Sequence[_Seq], scored: bool = False) -> Want:
+        """What a runner call over `seqs` must return: enough top alternatives for every row, each
+        row's temperature, the full logits only if a row's sampling needs them; `scored`: the
+        call holds one prompt (`seqs[0]`) whose every position is scored."""
+        score_top_n = (seqs[0].req.prompt_logprobs or 0) if scored else 0
+        return Want(top_n=max(s.top_n for s in seqs),
+                    temperature=np.fromiter((s.sampler.temperature for s in seqs), np.float32, len(seqs)),
+                    score=(0,) if scored else (), score_top_n=score_top_n,
+                    logits=any(s.sampler.needs_logits for s in seqs))
+
     def _generation_step(self) -> None:
         t0 = time.perf_counter()
         self._prefilling.extend(self._admit())
         new = self._prefill()
         if self._active:
-            logits = self.runner.step([s.last_token for s in self._active])
-            self._accept(self._active, logits)
+            sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))
+            self._accept(self._active, sel)
             self._drop(lambda s: s.finished or s.cancelled)
         if self.on_step:
             self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": new,
@@ -348,8 +401,9 @@ class Scheduler:
         if self._chunked is None:
             group = self._take_group(limit)
             if group:
-                logits = self._guarded(group, lambda: self.runner.add([s.req.prompt_ids for s in group]))
-                return 0 if logits is None else self._join(group, logits)
+                want = self._want(group, scored=_scored(group[0]))
+                sel = self._guarded(group, lambda: self.runner.add([s.req.prompt_ids for s in group], want))
+                return 0 if sel is None else self._join(group, sel)
         if self._chunked is None:
             return 0
         seq, pending = self._chunked
@@ -357,15 +411,19 @@ class Scheduler:
             self.runner.abort(pending)
             self._chunked = None
             return 0
-        logits = self._guarded([seq], lambda: self.runner.advance(pending, limit))
-        if logits is None:  # more chunks to go, or it failed (and `_guarded` cleared it)
+        scored = _scored(seq)
+        n = min(limit, self.score_chunk_tokens) if scored else limit
+        sel = self._guarded([seq], lambda: self.runner.advance(pending, n, self._want([seq], scored)))
+        if sel is None:  # more chunks to go, or it failed (and `_guarded` cleared it)
             return 0
         self._chunked = None
-        return self._join([seq], logits)
+        return self._join([seq], sel)
 
     def _take_group(self, limit: int) -> list[_Seq]:
         """Waiting prompts to prefill together in one call of at most `limit` padded tokens. A
-        prompt over the limit on its own becomes the chunked prefill instead."""
+        prompt over the limit on its own becomes the chunked prefill instead. A prompt to score
+        goes alone, in calls of at most `score_chunk_tokens` (each of its positions gets the
+        vocabulary's logits in that call)."""
         group: list[_Seq] = []
         longest = 0
         while self._prefilling:
@@ -374,13 +432,19 @@ class Scheduler:
                 self._prefilling.popleft()
                 continue
             n = len(head.req.prompt_ids)
-            if (len(group) + 1) * max(longest, n) > limit:
+            scored = _scored(head)
+            if group and scored:
+                break
+            cap = min(limit, self.score_chunk_tokens) if scored else limit
+            if (len(group) + 1) * max(longest, n) > cap:
                 if not group:
                     pending = self.runner.start_prefill(head.req.prompt_ids)
                     self._chunked = (self._prefilling.popleft(), pending)
                 break
             group.append(self._prefilling.popleft())
             longest = max(longest, n)
+            if scored:
+                break
         return group
 
     def _guarded(self, seqs: list[_Seq], call: Callable[[], Any]) -> Any:
@@ -398,26 +462,23 @@ class Scheduler:
                 self._chunked = None
             return None
 
-    def _join(self, seqs: list[_Seq], logits: np.ndarray) -> int:
-        """Rows just appended to the runner's batch: emit their first tokens."""
+    def _join(self, seqs: list[_Seq], sel: Selected) -> int:
+        """Rows just appended to the runner's batch: their prompt scores, then their first tokens
+        (a score-only request finishes here)."""
         self._active.extend(seqs)
-        self._accept(seqs, logits)
+        for i, s in enumerate(seqs):
+            s.start(sel.prompt[i] if sel.prompt else None)
+        self._accept(seqs, sel)
         self._drop(lambda s: s.finished or s.cancelled)
         return len(seqs)
 
-    def _accept(self, seqs: list[_Seq], logits: np.ndarray) -> None:
-        """Each row's next token: the plain greedy rows in one batched call, the rest one by one."""
-        if len(seqs) != len(logits):
-            raise RuntimeError(f"runner returned {len(logits)} rows of logits for {len(seqs)} sequences")
-        fast = [i for i, s in enumerate(seqs) if s.sampler.plain_greedy]
-        chosen: dict[int, tuple[int, float]] = {}
-        if fast:
-            if self._scratch is None:  # made on first use: rows never exceed max_batch_size
-                self._scratch = np.empty((self.max_batch_size, self.runner.info.vocab_size), np.float32)
-            tokens, logprobs = greedy_rows(logits if len(fast) == len(seqs) else logits[fast], self._scratch)
-            chosen = {i: (int(t), float(lp)) for i, t, lp in zip(fast, tokens, logprobs, strict=True)}
-        for i, (s, row) in enumerate(zip(seqs, logits, strict=True)):
-            s.accept(row, self.context_limit, chosen.get(i))
+    def _accept(self, seqs: list[_Seq], sel: Selected) -> None:
+        """Each row's next token, from the runner's selection."""
+        if len(seqs) != len(sel.top_ids):
+            raise RuntimeError(f"runner returned {len(sel.top_ids)} rows for {len(seqs)} sequences")
+        for i, s in enumerate(seqs):
+            if not s.finished:
+                s.choose(sel, i)
 
     def _run_classify(self, jobs: Sequence[_Classify]) -> None:
         flat = [p for j in jobs for p in j.prompts]

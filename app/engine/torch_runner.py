@@ -11,6 +11,7 @@ import torch
 
 from app.engine.runner import KV, ClassificationRunner, ModelInfo, PaddedRunner, left_pad
 from model import load_pretrained
+from model.gpt2 import select_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,16 @@ class TorchGenerationRunner(PaddedRunner):
         logger.info("PyTorch generation runner on %s (%s)", device, self.model.transformer.wte.weight.dtype)
 
     @torch.inference_mode()
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None) -> tuple[np.ndarray, KV]:
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, kv: KV | None, sel: dict[str, np.ndarray],
+                 want_logits: bool) -> tuple[tuple, KV]:
         t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
         past = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.info.n_layer)) if kv is not None else None
-        out = self.model(t(ids), t(mask), t(pos), past, last_only=True)
+        out = self.model(t(ids), t(mask), t(pos), past, logits_index=t(sel["logits_index"]))
+        # The same selection the ONNX graph computes (`select_tokens`), in fp32 like the graph's.
+        s = select_tokens(out.logits.float(), t(sel["target_ids"]), t(sel["temperature"]), int(sel["top_n"]))
         flat = [x for pair in out.past_key_values for x in pair]
-        return out.logits.float().cpu().numpy(), flat
+        logits = s.logits.cpu().numpy() if want_logits else None
+        return (logits, s.token_logprobs.cpu().numpy(), s.top_ids.cpu().numpy(), s.top_logprobs.cpu().numpy()), flat
 
     def _kv_pad_left(self, kv: KV, cols: int) -> KV:
         return [torch.nn.functional.pad(a, (0, 0, cols, 0)) for a in kv]

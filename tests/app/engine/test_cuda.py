@@ -15,10 +15,10 @@ PROMPTS = [[464, 2068, 7586, 21831], [1212, 318], [40, 588, 257, 1332, 13, 383]]
 
 
 def greedy_batch(runner, prompts, n: int) -> list[list[int]]:
-    out = [[int(t)] for t in runner.add(prompts).argmax(-1)]
+    out = [[int(t)] for t in runner.add(prompts).top_ids[:, 0]]
     for _ in range(n - 1):
-        logits = runner.step([o[-1] for o in out])
-        for o, t in zip(out, logits.argmax(-1), strict=True):
+        sel = runner.step([o[-1] for o in out])
+        for o, t in zip(out, sel.top_ids[:, 0], strict=True):
             o.append(int(t))
     runner.reset()
     return out
@@ -30,7 +30,7 @@ def test_onnxruntime_cuda_with_io_binding_matches_cpu(tmp_path, tiny_lm_dir) -> 
                       cache_dir=tmp_path)
     assert gpu.device == "cuda" and gpu.runner.io_binding
     assert gpu.runner.sess.get_providers()[0] == "CUDAExecutionProvider"
-    np.testing.assert_allclose(gpu.runner.add([PROMPTS[0]]), cpu.runner.add([PROMPTS[0]]), atol=1e-3)
+    np.testing.assert_allclose(gpu.runner.add([PROMPTS[0]]).logits, cpu.runner.add([PROMPTS[0]]).logits, atol=1e-3)
     gpu.runner.reset()
     cpu.runner.reset()
     assert greedy_batch(gpu.runner, PROMPTS, 16) == greedy_batch(cpu.runner, PROMPTS, 16)

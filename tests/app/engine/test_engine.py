@@ -239,11 +239,11 @@ def test_a_slow_consumer_gets_the_ready_events_together_then_the_failure(engine)
     original = runner.step
     calls = {"n": 0}
 
-    def fails_third(tokens):
+    def fails_third(tokens, want=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated device fault")
-        return original(tokens)
+        return original(tokens, want)
 
     async def go() -> list[list[int]]:
         batches = engine.generate_batches(engine.prepare(PROMPTS[0], 10))
@@ -268,7 +268,7 @@ def test_a_failed_prefill_fails_its_requests_instead_of_hanging(engine) -> None:
     runner = engine.generation.runner
     original = runner.add
 
-    def broken(prompts):
+    def broken(prompts, want=None):
         raise RuntimeError("simulated prefill fault")
 
     runner.add = broken
@@ -454,11 +454,11 @@ def test_a_failed_chunked_prefill_fails_only_its_request(tiny_lm_dir, onnx_cache
     original = runner.advance
     calls = {"n": 0}
 
-    def flaky(pending, n):
+    def flaky(pending, n, want=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise MemoryError("simulated allocation failure")
-        return original(pending, n)
+        return original(pending, n, want)
 
     runner.advance = flaky
     order: list[str] = []

@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def greedy(runner, ids: list[int], n: int) -> list[int]:
-    out = [int(runner.add([ids])[0].argmax())]
+    out = [int(runner.add([ids]).top_ids[0, 0])]
     for _ in range(n - 1):
-        out.append(int(runner.step([out[-1]])[0].argmax()))
+        out.append(int(runner.step([out[-1]]).top_ids[0, 0]))
     runner.reset()
     return out
 
@@ -107,7 +107,7 @@ def test_two_processes_starting_at_once_share_one_sound_export(tmp_path, tiny_lm
     code = (
         "import sys; from pathlib import Path; from app.engine import loader\n"
         f"lo = loader.load('generate', Path({str(tiny_lm_dir)!r}), cache_dir=Path({str(tmp_path)!r}))\n"
-        "r = lo.runner; t = r.add([[464, 2068]])[0].argmax(); print(lo.backend, lo.onnx_path, int(t))\n"
+        "r = lo.runner; t = r.add([[464, 2068]]).top_ids[0, 0]; print(lo.backend, lo.onnx_path, int(t))\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]

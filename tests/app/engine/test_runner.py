@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from app.engine.ort_runner import OrtGenerationRunner, OrtSlotRunner
-from app.engine.runner import GenerationRunner
+from app.engine.runner import GenerationRunner, Selected, Want
 from app.engine.torch_runner import TorchGenerationRunner
 from export.pipeline import export_checkpoint
 
@@ -49,11 +49,15 @@ def run_script(runner: GenerationRunner, hf) -> list[list[int]]:
     rng = np.random.default_rng(1)
     rows: list[list[int]] = []  # rows[r] is the sequence in runner row r
 
-    def accept(logits: np.ndarray, seqs: list[list[int]]) -> None:
-        assert logits.shape == (len(seqs), hf.config.vocab_size)
-        for row, seq in zip(logits, seqs, strict=True):
-            np.testing.assert_allclose(row, next_logits(hf, seq), atol=1e-4)
-            seq.append(int(row.argmax()))
+    def accept(sel: Selected, seqs: list[list[int]]) -> None:
+        assert sel.logits.shape == (len(seqs), hf.config.vocab_size)
+        assert sel.top_ids.shape == (len(seqs), 1)
+        for row, top, lp, seq in zip(sel.logits, sel.top_ids[:, 0], sel.top_logprobs[:, 0], seqs, strict=True):
+            ref = next_logits(hf, seq)
+            np.testing.assert_allclose(row, ref, atol=1e-4)
+            assert top == ref.argmax()  # the graph's top-1 is the argmax of the logits
+            np.testing.assert_allclose(lp, torch.log_softmax(torch.from_numpy(ref), -1)[top].item(), atol=1e-4)
+            seq.append(int(top))
 
     def step(n: int) -> None:
         for _ in range(n):
@@ -73,13 +77,13 @@ def run_script(runner: GenerationRunner, hf) -> list[list[int]]:
     long = rng.integers(0, 1000, 23).tolist()
     pending = runner.start_prefill(long)
     for _ in range(10):  # 5-token chunks, decode steps of the others in between
-        logits = runner.advance(pending, 5)
-        if logits is not None:
+        sel = runner.advance(pending, 5)
+        if sel is not None:
             break
         assert pending.remaining > 0 and runner.num_rows == 2
         step(1)
     assert pending.remaining == 0 and runner.num_rows == 3
-    accept(logits, [long])
+    accept(sel, [long])
     rows.append(long)
     late = [[5, 6], [7] * 9]
     accept(runner.add(late), late)
@@ -132,3 +136,61 @@ def test_gqa_rejects_a_sequence_past_the_context(graphs) -> None:
     r.add([[1] * 8])
     with pytest.raises(ValueError, match="exceed the context of 8 tokens"):
         r.step([1])
+
+
+@torch.no_grad()
+def hf_logprobs(hf, seq: list[int]) -> np.ndarray:
+    """(T, V) log_softmax of transformers' logits at every position of `seq`."""
+    return torch.log_softmax(hf(torch.tensor([seq])).logits[0].double(), -1).numpy()
+
+
+def check_scores(hf, prompt: list[int], scores, k: int) -> None:
+    ref = hf_logprobs(hf, prompt)  # ref[i] is the distribution of token i + 1
+    assert scores.token_logprobs.shape == (len(prompt) - 1,)
+    want = ref[np.arange(len(prompt) - 1), prompt[1:]]
+    np.testing.assert_allclose(scores.token_logprobs, want, atol=1e-4)
+    assert scores.top_ids.shape == (len(prompt) - 1, k)
+    if k:
+        np.testing.assert_allclose(scores.top_logprobs, np.take_along_axis(ref[:-1], scores.top_ids, 1), atol=1e-4)
+        np.testing.assert_allclose(scores.top_logprobs, -np.sort(-ref[:-1], axis=1)[:, :k], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "standard", "torch"])
+def test_prompt_scores_match_transformers_in_a_batch_of_different_lengths(kind, graphs, tiny_lm_dir, hf) -> None:
+    """Every position's log-probability of the next prompt token and the top 5 there, for a
+    prompt that fills the whole context (128) among shorter ones, with a row that is not scored;
+    then the same long prompt prefilled in chunks."""
+    runner = make_runner(kind, graphs, tiny_lm_dir)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 50257, n).tolist() for n in (128, 5, 40, 2)]
+    sel = runner.add(prompts, Want(top_n=2, score=(0, 1, 3), score_top_n=5))
+    for b in (0, 1, 3):
+        check_scores(hf, prompts[b], sel.prompt[b], 5)
+    assert sel.prompt[2] is None
+    for b, p in enumerate(prompts):  # the next token as usual
+        ref = hf_logprobs(hf, p)[-1]
+        np.testing.assert_array_equal(sel.top_ids[b], np.argsort(-ref, kind="stable")[:2])
+        np.testing.assert_allclose(sel.top_logprobs[b], np.sort(ref)[::-1][:2], atol=1e-4)
+    runner.reset()
+    pending = runner.start_prefill(prompts[0])
+    parts = 0
+    while (out := runner.advance(pending, 50, Want(score=(0,), score_top_n=3))) is None:
+        parts += 1
+    assert parts == 2  # 50 + 50 + 28 tokens
+    check_scores(hf, prompts[0], out.prompt[0], 3)
+    single = runner.add([prompts[3][:1]], Want(score=(0,), score_top_n=2))  # one token: nothing to score
+    assert single.prompt[0].token_logprobs.shape == (0,)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "torch"])
+def test_temperature_scales_only_the_next_token_distribution(kind, graphs, tiny_lm_dir, hf) -> None:
+    runner = make_runner(kind, graphs, tiny_lm_dir)
+    prompt = [464, 2068, 7586, 21831, 18045]
+    sel = runner.add([prompt, prompt], Want(top_n=4, temperature=np.array([1.0, 0.5], np.float32), score=(1,),
+                                            score_top_n=1))
+    logits = hf(torch.tensor([prompt])).logits[0].detach().double()
+    hot = torch.log_softmax(logits[-1] / 0.5, -1).numpy()
+    np.testing.assert_array_equal(sel.top_ids[1], np.argsort(-hot, kind="stable")[:4])
+    np.testing.assert_allclose(sel.top_logprobs[1], np.sort(hot)[::-1][:4], atol=1e-4)
+    np.testing.assert_allclose(sel.logits[1], logits[-1].numpy(), atol=1e-4)  # raw logits stay raw
+    check_scores(hf, prompt, sel.prompt[1], 1)  # the prompt positions are not scaled

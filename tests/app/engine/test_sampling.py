@@ -17,7 +17,6 @@ from app.engine.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     choose,
-    greedy_rows,
     top_k_mask,
     top_p_mask,
 )
@@ -172,25 +171,62 @@ def test_extreme_repetition_penalties_stay_finite(logits, penalty) -> None:
             assert token in (3, 40)
 
 
-def test_batched_greedy_rows_are_bitwise_the_per_row_choice() -> None:
-    rows = np.random.default_rng(1).normal(0, 3, size=(7, V)).astype(np.float32)
-    rows[3, [5, 9]] = rows[3].max() + 1  # a tie: the lower index wins, as np.argmax does
-    tokens, logprobs = greedy_rows(rows)
-    rng = np.random.default_rng(0)
-    for row, t, lp in zip(rows, tokens, logprobs, strict=True):
-        assert (int(t), float(lp)) == choose(row, SamplingParams(), set(), rng)
-    assert int(tokens[3]) == 5
+def _top(logits: np.ndarray, n: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """What the graph returns for one row: the top n ids of logits / temperature, their logprobs."""
+    lp = torch.log_softmax(torch.from_numpy(logits).double() / temperature, -1).numpy()
+    ids = np.argsort(-lp, kind="stable")[:n]
+    return ids, lp[ids].astype(np.float32)
 
 
-def test_greedy_rows_with_a_reused_scratch_buffer_are_bitwise_the_same() -> None:
-    rows = np.random.default_rng(2).normal(0, 3, size=(5, V)).astype(np.float32)
-    ref = greedy_rows(rows)
-    scratch = np.full((8, V), np.nan, np.float32)  # larger than the batch, and dirty
-    for _ in range(2):
-        tokens, logprobs = greedy_rows(rows, scratch)
-        assert np.array_equal(tokens, ref[0]) and np.array_equal(logprobs, ref[1])
-    small = np.empty((2, V), np.float32)  # too small: a fresh buffer, the same numbers
-    assert np.array_equal(greedy_rows(rows, small)[1], ref[1])
+def test_which_rows_need_the_full_logits() -> None:
+    cases = [
+        (SamplingParams(), False),  # greedy: the top 1
+        (SamplingParams(do_sample=True, top_k=50, temperature=0.7), False),  # top-k: the top 50
+        (SamplingParams(do_sample=True), True),  # the whole vocabulary is drawn from
+        (SamplingParams(do_sample=True, top_k=50, top_p=0.9), True),
+        (SamplingParams(do_sample=True, top_k=10_000), True),  # more than the graph returns
+        (SamplingParams(repetition_penalty=1.3), True),
+    ]
+    for params, want in cases:
+        assert Sampler(params, [1, 2]).needs_logits is want, params
+
+
+def test_greedy_from_the_top_is_the_first(logits) -> None:
+    ids, lps = _top(logits, 3)
+    s = Sampler(SamplingParams(), [])
+    assert s.from_top(ids, lps) == (int(ids[0]), float(lps[0]))
+    assert s.from_top(ids, lps) == choose(logits, SamplingParams(), set(), None)[:1] + (float(lps[0]),)
+
+
+def test_top_k_from_the_top_draws_like_transformers_top_k(logits) -> None:
+    """The draws from the graph's top k (after temperature) follow transformers' top-k warper's
+    distribution: 20,000 seeded draws, each token's frequency within 4 standard errors."""
+    k, temp = 5, 0.8
+    ids, lps = _top(logits, 16, temp)  # the graph may return more than k (another row asked for more)
+    scores = TemperatureLogitsWarper(temp)(None, torch.from_numpy(logits)[None].double())
+    scores = TopKLogitsWarper(k)(None, scores)
+    p = torch.softmax(scores, -1)[0].numpy()
+    s = Sampler(SamplingParams(do_sample=True, top_k=k, temperature=temp, seed=1), [])
+    assert s.temperature == temp and s.top_n == k and not s.needs_logits
+    n = 20_000
+    counts: dict[int, int] = {}
+    for _ in range(n):
+        token, lp = s.from_top(ids, lps)
+        counts[token] = counts.get(token, 0) + 1
+        assert lp == float(lps[list(ids).index(token)])  # its log-probability after temperature
+    assert set(counts) == set(ids[:k].tolist())
+    for token, c in counts.items():
+        se = np.sqrt(p[token] * (1 - p[token]) / n)
+        assert abs(c / n - p[token]) < 4 * se, (token, c / n, p[token])
+
+
+def test_top_k_from_the_top_repeats_with_its_seed(logits) -> None:
+    ids, lps = _top(logits, 8)
+    draws = [[Sampler(SamplingParams(do_sample=True, top_k=8, seed=3), []).from_top(ids, lps) for _ in range(1)]
+             for _ in range(2)]
+    assert draws[0] == draws[1]
+    one = Sampler(SamplingParams(do_sample=True, top_k=1, seed=3), [])
+    assert one.from_top(ids, lps)[0] == int(ids[0])  # top_k=1 is greedy
 
 
 def test_a_sampler_draws_its_seed_once_and_only_when_asked() -> None:
