@@ -19,11 +19,12 @@ CUDA_OPTIONS: dict[str, str] = {"use_tf32": "0"}
 Provider = str | tuple[str, dict[str, str]]
 
 
-def with_options(names: Sequence[str]) -> list[Provider]:
-    """ONNX Runtime's `providers=` list for `names`, each with the options we require."""
-    return [(n, dict(CUDA_OPTIONS)) if n == CUDA else n for n in names]
+def with_options(names: Sequence[str], cuda_options: dict[str, str] | None = None) -> list[Provider]:
+    """ONNX Runtime's `providers=` list for `names`, each with the options we require (and
+    `cuda_options` on top, e.g. `enable_cuda_graph`)."""
+    return [(n, CUDA_OPTIONS | (cuda_options or {})) if n == CUDA else n for n in names]
 
 
-def providers_for(device: str) -> list[Provider]:
+def providers_for(device: str, cuda_options: dict[str, str] | None = None) -> list[Provider]:
     """Providers for `device` ("cuda" or "cpu"); CUDA keeps the CPU EP for the few ops it lacks."""
-    return with_options([CUDA, CPU] if device == "cuda" else [CPU])
+    return with_options([CUDA, CPU] if device == "cuda" else [CPU], cuda_options)

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     waiting_served_ratio: float = Field(1.2, ge=0, description="with this many waiting prompts per decoding row, "
                                                                "prefill them at once instead of in chunks (TGI)")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="CUDA fp16: capture decode steps as CUDA graphs per batch bucket, checked against "
+                            "eager steps at start (auto: eager with a reason in /info when that fails; on: "
+                            "refuse to start)")
     log_level: str = "INFO"
     model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")
     api_key: str | None = Field(None, description="when set, every route but /health and /metrics needs it")

@@ -81,18 +81,32 @@ class Engine:
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
              cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
              max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
-             score_chunk_tokens: int = 128) -> Engine:
+             score_chunk_tokens: int = 128, cuda_graphs: str = "auto") -> Engine:
         """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
-                  cancel=cancel)
+                  cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
         return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
                    prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens)
 
     def start(self) -> None:
+        self.capture()
         self.warmup()
         self.scheduler.start()
+
+    def capture(self) -> None:
+        """On CUDA with the fixed-buffer runner: capture each batch bucket's decode step as a CUDA
+        graph and check it against the eager step (`OrtFixedRunner.capture`); a failure leaves
+        eager steps with the reason in /info (CUDA_GRAPHS=on: the start fails)."""
+        runner = self.generation.runner if self.generation else None
+        if runner is not None and hasattr(runner, "capture"):
+            t0 = time.perf_counter()
+            eos = self.tokenizer.eos_token_id
+            prompt = self.tokenizer.encode("The quick brown fox jumps over the lazy dog.") or [eos]
+            on = runner.capture(prompt)
+            logger.info("CUDA graphs: %s (%.2f s)", "captured, self-check passed" if on else runner.graphs_reason,
+                        time.perf_counter() - t0)
 
     def warmup(self) -> None:
         """A prefill and a decode step at the largest batch the scheduler will run (one token per
@@ -232,10 +246,15 @@ class Engine:
         def one(lo: Loaded | None) -> dict[str, Any] | None:
             if lo is None:
                 return None
-            return {"model_path": str(lo.checkpoint), "backend": lo.backend, "device": lo.device,
-                    "precision": lo.precision, "onnx_path": str(lo.onnx_path) if lo.onnx_path else None,
-                    "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit,
-                    "attention": lo.attention}
+            out = {"model_path": str(lo.checkpoint), "backend": lo.backend, "device": lo.device,
+                   "precision": lo.precision, "onnx_path": str(lo.onnx_path) if lo.onnx_path else None,
+                   "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit,
+                   "attention": lo.attention}
+            if hasattr(lo.runner, "graphs_mode"):  # the fixed-buffer CUDA runner
+                r = lo.runner
+                out["cuda_graphs"] = {"setting": r.graphs_mode, "enabled": r.graphs_on,
+                                      "buckets": r.buckets if r.graphs_on else [], "reason": r.graphs_reason}
+            return out
 
         return {"generation": one(self.generation), "classification": one(self.classification),
                 "context_length": self.context_length, "labels": self.labels}

@@ -10,8 +10,11 @@ into place, so two processes starting at once never see (or leave) half an expor
 serving process never imports torch on the ONNX Runtime path.
 
 On CPU the generation graph is the GroupQueryAttention one with shared KV buffers
-(`OrtSlotRunner`): decode steps copy no cache. On CUDA it is the standard past/present graph
-(ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only), run with IO binding.
+(`OrtSlotRunner`): decode steps copy no cache. On CUDA in fp16 it is the same graph on fixed
+device buffers (`OrtFixedRunner`), its decode steps captured as CUDA graphs per batch bucket
+(`CUDA_GRAPHS`); in fp32 on CUDA (ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16 only),
+or when the GQA export fails its parity check there, the standard past/present graph with IO
+binding.
 """
 
 from __future__ import annotations
@@ -73,9 +76,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp16" if device == "cuda" else "fp32"
 
 
-def attention_for(task: str, device: str) -> str:
-    """The generation graph each device serves best (see the module docstring)."""
-    return "gqa" if task == "generate" and device == "cpu" else "standard"
+def attention_for(task: str, device: str, precision: str = "fp32") -> str:
+    """The generation graph each device and precision serves best (see the module docstring)."""
+    if task != "generate":
+        return "standard"
+    return "gqa" if device == "cpu" or precision == "fp16" else "standard"
 
 
 def cache_key(sha: str, task: str, precision: str, attention: str = "standard") -> str:
@@ -100,6 +105,11 @@ def _valid(folder: Path, sha: str) -> str | None:
 
 class LoadCancelledError(RuntimeError):
     """Loading was cancelled (the server is shutting down); not a reason to fall back."""
+
+
+class SettingRefusedError(RuntimeError):
+    """A setting that must hold cannot (e.g. CUDA_GRAPHS=on without CUDA): refuse to start rather
+    than fall back."""
 
 
 class ExportFailedError(RuntimeError):
@@ -131,11 +141,11 @@ def failure_report_path(export_dir: Path) -> Path:
 
 
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
-                  cancel: threading.Event | None = None) -> tuple[Path, bool]:
+                  cancel: threading.Event | None = None, attention: str | None = None) -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
     exporting it if the cache has none."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
-    attention = attention_for(task, device)
+    attention = attention or attention_for(task, device, precision)
     final = cache_dir / cache_key(sha, task, precision, attention)
     if final.exists():
         why = _valid(final, sha)
@@ -225,14 +235,47 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
             raise ExportFailedError(_summarize(proc.returncode, output, manifest), output, manifest)
 
 
+def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
+              cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str) -> Loaded:
+    from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
+
+    attention = attention_for(task, dev, precision)
+    note = None
+    try:
+        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, attention)
+    except ExportFailedError as e:
+        if not (dev == "cuda" and attention == "gqa") or cuda_graphs == "on":
+            raise
+        # The GQA graph did not pass on this GPU: the standard graph still serves ONNX Runtime.
+        note = f"GroupQueryAttention graph not used ({one_line(e)}); standard graph, no CUDA graphs"
+        logger.warning("%s", note)
+        attention = "standard"
+        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, attention)
+    n_positions = _context_length(path)
+    if task != "generate":
+        runner = OrtClassificationRunner(path, dev, num_threads, n_positions=n_positions)
+    elif attention == "gqa" and dev == "cuda":
+        from app.engine.fixed_runner import OrtFixedRunner
+
+        runner = OrtFixedRunner(path, dev, max_batch_size, num_threads, n_positions, cuda_graphs)
+    elif attention == "gqa":
+        runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions)
+    else:
+        runner = OrtGenerationRunner(path, dev, num_threads, n_positions=n_positions)
+    return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, note, cache_hit,
+                  attention if task == "generate" else None)
+
+
 def _context_length(onnx_path: Path) -> int:
     return int(mf.read_manifest(onnx_path.parent)["model"]["n_positions"])
 
 
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
-         cancel: threading.Event | None = None) -> Loaded:
-    """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION."""
+         cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto") -> Loaded:
+    """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION.
+    `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
+    is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up)."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
     precision = resolve_precision(precision, dev)
@@ -244,19 +287,12 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                                    "(install onnxruntime-gpu)")
             if precision == "fp16" and dev == "cpu":
                 logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
-            path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
-            from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
-
-            attention = attention_for(task, dev)
-            if task != "generate":
-                runner = OrtClassificationRunner(path, dev, num_threads, n_positions=_context_length(path))
-            elif attention == "gqa":
-                runner = OrtSlotRunner(path, dev, num_threads, n_positions=_context_length(path))
-            else:
-                runner = OrtGenerationRunner(path, dev, num_threads, n_positions=_context_length(path))
-            return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, None, cache_hit,
-                          attention if task == "generate" else None)
-        except LoadCancelledError:
+            if cuda_graphs == "on" and task == "generate" and not (dev == "cuda" and precision == "fp16"):
+                raise SettingRefusedError(f"CUDA_GRAPHS=on needs DEVICE=cuda and PRECISION=fp16 "
+                                          f"(this start resolved to {dev}, {precision})")
+            return _load_ort(task, checkpoint, dev, precision, cache_dir, num_threads, cancel, max_batch_size,
+                             cuda_graphs)
+        except (LoadCancelledError, SettingRefusedError):
             raise
         except Exception as e:
             logger.debug("ONNX Runtime cannot serve %s %s", task, checkpoint, exc_info=e)

@@ -49,11 +49,12 @@ class GraphContractError(RuntimeError):
 
 
 def make_session(path: str | Path, device: str, num_threads: int | None = None,
-                 config: dict[str, str] | None = None) -> ort.InferenceSession:
+                 config: dict[str, str] | None = None, cuda_options: dict[str, str] | None = None,
+                 ) -> ort.InferenceSession:
     """A session on `device`; raises if CUDA was asked for and ONNX Runtime could not take it.
     On CUDA, TF32 is off (`export.providers`: fp32 must mean fp32). `config`: extra session config
     entries (`session.intra_op.allow_spinning`, ...); the defaults measured as well as any of
-    those tried (bench/levers.py)."""
+    those tried (bench/levers.py). `cuda_options`: more CUDA EP options (`enable_cuda_graph`)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -62,7 +63,7 @@ def make_session(path: str | Path, device: str, num_threads: int | None = None,
         opts.inter_op_num_threads = 1
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
-    sess = ort.InferenceSession(str(path), opts, providers=providers_for(device))
+    sess = ort.InferenceSession(str(path), opts, providers=providers_for(device, cuda_options))
     if device == "cuda" and sess.get_providers()[0] != CUDA:
         raise RuntimeError(f"CUDAExecutionProvider is not usable (session got {sess.get_providers()})")
     return sess

@@ -17,6 +17,7 @@ from export import graphs, pipeline
 from export.fusion import FusionError, check_fusion, op_counts, untie_gemm_weights
 from export.manifest import checkpoint_sha256, read_manifest, verify_files
 from export.pipeline import ExportError, export_checkpoint
+from export.precision import selection_nodes
 from export.verify import TOP1_FLOOR, verify
 from model import load_pretrained
 from tests.conftest import make_hf_checkpoint
@@ -64,12 +65,16 @@ def test_graph_signature_matches_the_contract(exported_lm) -> None:
     n_layer = CONFIGS[name]["n_layer"]
     sess = _session(out / "model.onnx")
     kv = [f"{p}.{i}.{k}" for i in range(n_layer) for k in ("key", "value") for p in ("past_key_values",)]
-    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *kv]
-    assert [o.name for o in sess.get_outputs()] == ["logits"] + [
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *SELECT_IN, *kv]
+    assert [o.name for o in sess.get_outputs()] == SELECT_OUT + [
         f"present.{i}.{k}" for i in range(n_layer) for k in ("key", "value")]
-    # logits are for the last position only: (batch, vocab), never (batch, seq, vocab).
-    assert sess.get_outputs()[0].shape == ["batch_size", 1000]
+    # logits are for one position per row (the last kept one): (batch, vocab), never (batch, seq, vocab).
+    shapes = {o.name: o.shape for o in sess.get_outputs()}
+    assert shapes["logits"] == ["batch_size", 1000]
+    assert shapes["token_logprobs"] == ["batch_size", "kept_positions"]
+    assert shapes["top_ids"] == shapes["top_logprobs"] == ["batch_size", "kept_positions", "top_n"]
     assert sess.get_inputs()[1].shape == ["batch_size", "total_sequence_length"]
+    assert {i.name: i.shape for i in sess.get_inputs()}["top_n"] == []
     assert manifest["opset"] >= 17 and manifest["parity"]["passed"]
     assert [i["name"] for i in manifest["inputs"]] == [i.name for i in sess.get_inputs()]
 
@@ -80,8 +85,18 @@ def _hf(ckpt: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
 
 
+SELECT_IN = ["logits_index", "target_ids", "temperature", "top_n"]
+SELECT_OUT = ["logits", "token_logprobs", "top_ids", "top_logprobs"]
+
+
+def _last(n: int, width: int, top_n: int = 1) -> dict[str, np.ndarray]:
+    """Selection inputs that keep each row's last position (left-padded rows)."""
+    return {"logits_index": (np.arange(n) * width + width - 1)[:, None], "target_ids": np.zeros((n, 1), np.int64),
+            "temperature": np.ones(n, np.float32), "top_n": np.array(top_n)}
+
+
 def _feed(ids, mask, pos, past, n_layer):
-    f = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+    f = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **_last(*ids.shape, top_n=3)}
     for i in range(n_layer):
         f[f"past_key_values.{i}.key"], f[f"past_key_values.{i}.value"] = past[i]
     return f
@@ -113,6 +128,9 @@ def test_parity_with_transformers_prefill_and_8_decode_steps_left_padded(exporte
         ref = hf(torch.from_numpy(all_ids), attention_mask=torch.from_numpy(all_mask),
                  position_ids=torch.from_numpy(full_pos)).logits[:, -1].numpy()
         assert np.abs(outs["logits"] - ref).max() < 1e-4, f"step {step}"
+        logprobs = torch.log_softmax(torch.from_numpy(ref).double(), -1).numpy()
+        assert (outs["top_ids"][:, 0, 0] == ref.argmax(-1)).all()
+        np.testing.assert_allclose(outs["top_logprobs"][:, 0], -np.sort(-logprobs, -1)[:, :3], atol=1e-4)
         nxt = ref.argmax(-1)[:, None]
         all_ids = np.concatenate([all_ids, nxt], 1)
         all_mask = np.concatenate([all_mask, np.ones((B, 1), np.int64)], 1)
@@ -125,7 +143,7 @@ def test_verifier_reports_every_output_within_1e4(exported_lm) -> None:
     name, ckpt, out, manifest = exported_lm
     par = manifest["parity"]
     n_layer = CONFIGS[name]["n_layer"]
-    assert set(par["max_abs_diff_by_output"]) == {"logits"} | {
+    assert set(par["max_abs_diff_by_output"]) == {"logits", "token_logprobs", "top_logprobs"} | {
         f"present.{i}.{k}" for i in range(n_layer) for k in ("key", "value")}
     assert max(par["max_abs_diff_by_output"].values()) < 1e-4
     assert par["top1_agreement"] == 1.0
@@ -181,14 +199,18 @@ def test_gqa_graph_has_one_group_query_attention_per_layer_and_parity(tmp_path, 
     assert counts["Softmax"] == 0 and counts["SkipLayerNormalization"] == 5
     assert manifest["attention"] == "gqa"
     names = [i.name for i in proto.graph.input]
-    assert names[:4] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
+    assert names[:8] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", *SELECT_IN]
     assert "attention_mask" not in names
+    # Nothing derives from a tensor's shape (every index comes from an input), so no node has to
+    # run on the host: what CUDA graph capture needs (DESIGN §9).
+    assert not {"Shape", "Size", "Range", "ConstantOfShape"} & set(counts)
     par = manifest["parity"]
     assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR[precision]
     # right-padded batch (8 decode steps), batch 1 (2), chunked prompt (1): 8*9 + 3 + 2 positions
     assert par["top1_positions"] == 8 * 9 + 3 + 2
     if precision == "fp32":
         assert par["max_logit_error"] < 1e-4
+        assert par["max_abs_diff_by_output"]["token_logprobs"] < 1e-4  # the scored prompt, too
 
 
 def test_check_fusion_wants_one_gqa_node_per_layer(tmp_path, tiny_lm_dir) -> None:
@@ -207,6 +229,14 @@ def test_fp16_runs_on_cpu_and_agrees(tmp_path, tiny_lm_dir) -> None:
     types = {i.name: i.type for i in sess.get_inputs()} | {o.name: o.type for o in sess.get_outputs()}
     assert types["past_key_values.0.key"] == "tensor(float16)" and types["present.1.value"] == "tensor(float16)"
     assert types["logits"] == "tensor(float)"  # sampling sees fp32
+    # The selection after the LM head runs in fp32: one Cast up after the head, none inside.
+    assert types["token_logprobs"] == types["top_logprobs"] == types["temperature"] == "tensor(float)"
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    head, tail = selection_nodes(proto)
+    casts = [n for n in proto.graph.node if n.op_type == "Cast" and n.input[0] == head]
+    assert len(casts) == 1 and casts[0].attribute[0].i == onnx.TensorProto.FLOAT
+    assert {"Exp", "TopK", "ReduceMax"} <= {n.op_type for n in tail}
+    assert not any(n.op_type == "Cast" for n in tail)
     par = manifest["parity"]
     assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR["fp16"]
     assert 0 < par["max_logit_error"] < 1e-2  # really half precision, and close
@@ -214,9 +244,12 @@ def test_fp16_runs_on_cpu_and_agrees(tmp_path, tiny_lm_dir) -> None:
 
 def test_int8_quantizes_matmuls_and_keeps_agreement_floor(tmp_path, tiny_lm_dir) -> None:
     manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int8")
-    counts = op_counts(onnx.load(str(tmp_path / "model.onnx")))
-    # 4 weight MatMuls per layer + the (untied) LM head, all int8; attention's two stay fp32.
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    counts = op_counts(proto)
+    # 4 weight MatMuls per layer + the (untied) LM head, all int8; attention's two stay fp32, and so
+    # does the selection's sum over the vocabulary (a MatMul with a ones vector).
     assert counts["DynamicQuantizeMatMul"] + counts["MatMulInteger"] == 4 * 2 + 1
+    assert [n.op_type for n in selection_nodes(proto)[1]].count("MatMul") == 1
     assert counts["SkipLayerNormalization"] == 5
     par = manifest["parity"]
     assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR["int8"]
@@ -232,7 +265,7 @@ def test_untie_gemm_leaves_the_embedding_alone(tmp_path, tiny_lm_dir) -> None:
     onnx.save(proto, str(tmp_path / "untied.onnx"))
     after = _session(tmp_path / "untied.onnx")
     feed = {"input_ids": np.array([[464, 2068]]), "attention_mask": np.ones((1, 2), np.int64),
-            "position_ids": np.array([[0, 1]])}
+            "position_ids": np.array([[0, 1]]), **_last(1, 2)}
     feed |= {i.name: np.zeros((1, 4, 0, 8), np.float32) for i in before.get_inputs() if i.name.startswith("past")}
     np.testing.assert_allclose(after.run(None, feed)[0], before.run(None, feed)[0], atol=1e-5)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from app.engine.fixed_runner import OrtFixedRunner
 from app.engine.ort_runner import OrtGenerationRunner, OrtSlotRunner
 from app.engine.runner import GenerationRunner, Selected, Want
 from app.engine.torch_runner import TorchGenerationRunner
@@ -35,6 +36,9 @@ def make_runner(kind: str, graphs, tiny_lm_dir) -> GenerationRunner:
         return OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=1)  # grows during the script
     if kind == "standard":
         return OrtGenerationRunner(graphs["standard"], n_positions=128)
+    if kind in ("fixed", "fixed-buckets"):  # the CUDA runner's code on the CPU: slots, fixed buffers
+        return OrtFixedRunner(graphs["gqa"], "cpu", capacity=8, n_positions=128, cuda_graphs="off",
+                              pad_to_buckets=kind == "fixed-buckets")
     return TorchGenerationRunner(tiny_lm_dir)
 
 
@@ -96,14 +100,17 @@ def run_script(runner: GenerationRunner, hf) -> list[list[int]]:
     return sorted(rows)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "standard", "torch"])
+KINDS = ["gqa", "standard", "torch", "fixed", "fixed-buckets"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_runner_script_matches_transformers(kind, graphs, tiny_lm_dir, hf) -> None:
     run_script(make_runner(kind, graphs, tiny_lm_dir), hf)
 
 
 def test_all_runners_produce_the_same_sequences(graphs, tiny_lm_dir, hf) -> None:
-    got = {k: run_script(make_runner(k, graphs, tiny_lm_dir), hf) for k in ("gqa", "standard", "torch")}
-    assert got["gqa"] == got["standard"] == got["torch"]
+    got = {k: run_script(make_runner(k, graphs, tiny_lm_dir), hf) for k in KINDS}
+    assert all(seqs == got["gqa"] for seqs in got.values())
 
 
 def test_gqa_step_writes_the_cache_in_place(graphs) -> None:
@@ -155,7 +162,7 @@ def check_scores(hf, prompt: list[int], scores, k: int) -> None:
         np.testing.assert_allclose(scores.top_logprobs, -np.sort(-ref[:-1], axis=1)[:, :k], atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "standard", "torch"])
+@pytest.mark.parametrize("kind", ["gqa", "standard", "torch", "fixed"])
 def test_prompt_scores_match_transformers_in_a_batch_of_different_lengths(kind, graphs, tiny_lm_dir, hf) -> None:
     """Every position's log-probability of the next prompt token and the top 5 there, for a
     prompt that fills the whole context (128) among shorter ones, with a row that is not scored;
@@ -182,7 +189,7 @@ def test_prompt_scores_match_transformers_in_a_batch_of_different_lengths(kind, 
     assert single.prompt[0].token_logprobs.shape == (0,)
 
 
-@pytest.mark.parametrize("kind", ["gqa", "torch"])
+@pytest.mark.parametrize("kind", ["gqa", "torch", "fixed"])
 def test_temperature_scales_only_the_next_token_distribution(kind, graphs, tiny_lm_dir, hf) -> None:
     runner = make_runner(kind, graphs, tiny_lm_dir)
     prompt = [464, 2068, 7586, 21831, 18045]
