@@ -75,7 +75,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 on_failure()
             return
         m = state.metrics
-        engine.scheduler.on_step = lambda st: (m.queue.set(st["queue"]), m.batch.set(st["batch"]))
+        def on_step(st: dict[str, Any]) -> None:
+            m.queue.set(st["queue"])
+            m.batch.set(st["batch"])
+            for kind, n in st.get("kv_bytes", {}).items():
+                m.kv_bytes.labels(kind).set(n)
+
+        engine.scheduler.on_step = on_step
+        on_step({"queue": 0, "batch": 0, "kv_bytes": engine.kv_bytes()})
         state.engine, state.ready = engine, True
         info = engine.info()
         logger.info("ready in %.1f s: %s", time.perf_counter() - t0, json.dumps(info))

@@ -134,11 +134,14 @@ def step_times(ckpt: Path, device: str, backend: str, precision: str, args: argp
     from app.engine.loader import load
 
     lo = load("generate", ckpt, backend=backend, device=device, precision=precision, cache_dir=ONNX_CACHE,
-              num_threads=args.threads)
+              num_threads=args.threads, max_batch_size=max(32, len(prompts)))
     if (lo.backend, lo.device, lo.precision) != (backend, device, precision):
         raise SystemExit(f"runner: asked for {backend}/{device}/{precision}, got {lo.backend}/{lo.device}/"
                          f"{lo.precision} ({lo.fallback_reason})")
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
+    if hasattr(lo.runner, "capture"):  # the fixed-buffer CUDA runner: what the server does at start
+        out["cuda_graphs"] = lo.runner.capture(prompts[0])
+        out["cuda_graphs_reason"] = lo.runner.graphs_reason
     try:
         for batch in (1, len(prompts)):
             r = lo.runner
@@ -184,7 +187,8 @@ def measure_server(ckpt: Path, device: str, backend: str, precision: str, args: 
         ttfts = _run(ttft, srv.url, 1)
     return {"decode_tok_s": statistics.median(t.decode_tok_s for t in singles),
             "aggregate_tok_s": loop["tok_s"], "itl_p50_s": loop["itl"]["p50_s"], "itl_p99_s": loop["itl"]["p99_s"],
-            "ttft_s": statistics.median(t.ttft for t in ttfts), "attention": gen.get("attention")}
+            "ttft_s": statistics.median(t.ttft for t in ttfts), "attention": gen.get("attention"),
+            "server_cuda_graphs": (gen.get("cuda_graphs") or {}).get("enabled")}
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -234,8 +238,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 res |= measure_server(ckpt, args.device, backend, prec, args, texts[0], texts, ttft_text)
             logger.info("%s: %s", name, res)
             rounds[name].append(res)
-    summary = {name: {k: _median([rd[k] for rd in rs]) for k in rs[0] if k != "attention"} | (
-        {"attention": rs[0]["attention"]} if "attention" in rs[0] else {}) for name, rs in rounds.items()}
+    def numeric(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    # medians of the measurements; labels (attention, whether CUDA graphs replayed) from the first round
+    summary = {name: {k: _median([rd[k] for rd in rs]) if numeric(v) else v for k, v in rs[0].items()}
+               for name, rs in rounds.items()}
     return {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "device": args.device,
             "checkpoint": str(ckpt.name), "machine": machine_info(), "versions": versions(args.device),
             "settings": {k: getattr(args, k) for k in ("prompt_tokens", "new_tokens", "ttft_tokens", "streams",
@@ -265,7 +273,10 @@ def table(rec: dict[str, Any]) -> str:
             agg += f" (one static batch of {n})"
         gaps = "—" if "itl_p50_s" not in v else f"{_f(v['itl_p50_s'], 1000, 3)} / {_f(v['itl_p99_s'], 1000, 3)}"
         steps = "—" if "step_b1_s" not in v else f"{_f(v['step_b1_s'], 1000, 3)} / {_f(v.get(f'step_b{n}_s'), 1000, 3)}"
-        lines.append(f"| {LABELS[name]} | {_f(v['decode_tok_s'])}{ratio(v['decode_tok_s'], anchor)} | {agg} | {gaps} | "
+        label = LABELS[name]
+        if v.get("server_cuda_graphs") is not None:
+            label += ", CUDA graphs" if v["server_cuda_graphs"] else ", eager steps (no CUDA graphs)"
+        lines.append(f"| {label} | {_f(v['decode_tok_s'])}{ratio(v['decode_tok_s'], anchor)} | {agg} | {gaps} | "
                      f"{_f(v['ttft_s'], 1000, 3)}{ratio(v['ttft_s'], anchor_ttft)} | {steps} |")
     return "\n".join(lines)
 

@@ -87,15 +87,34 @@ def strip_initializer_value_info(model: onnx.ModelProto) -> None:
 
 
 def untie_gemm_weights(model: onnx.ModelProto) -> int:
-    """Give each `Gemm(x, W^T)` whose W is shared with another node (the tied LM head shares
-    `wte` with the embedding Gather) its own pre-transposed copy, as a plain MatMul.
+    """Give each `Gemm(x, W^T)` or `MatMul(x, Transpose(W))` whose W is shared with another node
+    (the tied LM head shares `wte` with the embedding Gather) its own pre-transposed copy, as a
+    plain MatMul with a constant weight.
 
     Dynamic quantization rewrites a weight in place; on a shared initializer that would also
-    change the embedding. Returns the number of nodes rewritten.
+    change the embedding; and it only quantizes a MatMul whose weight is a constant. Returns the
+    number of nodes rewritten.
     """
     inits = {i.name: i for i in model.graph.initializer}
     uses = Counter(i for n in model.graph.node for i in n.input)
+    producer = {o: n for n in model.graph.node for o in n.output}
     rewritten = 0
+    for node in list(model.graph.node):
+        t = producer.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits or uses[t.input[0]] < 2:
+            continue
+        perm = next((list(onnx.helper.get_attribute_value(a)) for a in t.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0]:
+            continue
+        name = f"{t.input[0]}.matmul_b"
+        if name not in inits:
+            w = np.ascontiguousarray(numpy_helper.to_array(inits[t.input[0]]).T)  # (K, N)
+            inits[name] = numpy_helper.from_array(w, name)
+            model.graph.initializer.append(inits[name])
+        node.input[1] = name
+        if not any(t.output[0] in n.input for n in model.graph.node):
+            model.graph.node.remove(t)
+        rewritten += 1
     for idx, node in enumerate(list(model.graph.node)):
         if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits or uses[node.input[1]] < 2:
             continue

@@ -18,7 +18,9 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
-FORMAT_VERSION = 1
+# 2: the generation graphs select tokens (logits_index, target_ids, temperature, top_n ->
+# token_logprobs, top_ids, top_logprobs). A cache entry of another version is never reused.
+FORMAT_VERSION = 2
 DEFAULT_OPSET = 18
 # What determines an export: the config and the weights. Tokenizer files do not change the graph.
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")

@@ -24,3 +24,5 @@ class Metrics:
         self.input_tokens = Counter("gpt2_input_tokens_total", "prompt tokens", ["task"], registry=r)
         self.generated_tokens = Counter("gpt2_generated_tokens_total", "generated tokens", registry=r)
         self.failures = Counter("gpt2_failures_total", "failed requests by error type", ["error_type"], registry=r)
+        self.kv_bytes = Gauge("gpt2_kv_cache_bytes", "KV cache memory: reserved by the runner's buffers, and in "
+                                                     "use by the tokens held", ["kind"], registry=r)

@@ -129,6 +129,10 @@ class Engine:
                 r.reset()
             logger.info("warm-up: a prefill and a decode step at batch %d in %.2f s", rows, time.perf_counter() - t0)
 
+    def kv_bytes(self) -> dict[str, int]:
+        """The generation runner's KV cache memory: reserved and in use (bytes)."""
+        return self.generation.runner.kv_bytes if self.generation else {"reserved": 0, "in_use": 0}
+
     def stop(self) -> None:
         self.scheduler.stop()
         for loaded in (self.generation, self.classification):

@@ -174,6 +174,14 @@ class OrtFixedRunner(GenerationRunner):
     def num_rows(self) -> int:
         return len(self.slots)
 
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """Reserved: the fixed buffers (allocated once); in use: the tokens held."""
+        reserved = sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.kv)
+        per_token = reserved // (self.capacity * self.M)
+        held = sum(self.lengths) + sum(p.done for p in self.reserved.values())
+        return {"reserved": reserved, "in_use": per_token * held}
+
     def _take_slots(self, n: int) -> list[int]:
         used = set(self.slots) | set(self.reserved)
         free = [s for s in range(self.capacity) if s not in used][:n]

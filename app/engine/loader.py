@@ -86,7 +86,7 @@ def attention_for(task: str, device: str, precision: str = "fp32") -> str:
 def cache_key(sha: str, task: str, precision: str, attention: str = "standard") -> str:
     """The cache folder name for a checkpoint (by its `checkpoint_sha256`) and the export options."""
     kind = f"-{attention}" if task == "generate" else ""
-    return f"{task}-{precision}{kind}-opset{mf.DEFAULT_OPSET}-{sha[:20]}"
+    return f"{task}-{precision}{kind}-opset{mf.DEFAULT_OPSET}-v{mf.FORMAT_VERSION}-{sha[:20]}"
 
 
 def _valid(folder: Path, sha: str) -> str | None:

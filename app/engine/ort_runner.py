@@ -165,7 +165,7 @@ class OrtGenerationRunner(PaddedRunner):
 
 class OrtSlotRunner(GenerationRunner):
     """The GroupQueryAttention graph (`export_generation_gqa`) on CPU, with one KV buffer per
-    layer and kind, (capacity + 1, n_head, M, head_dim), M = the context length.
+    layer and kind, (capacity + 1, n_head, width, head_dim).
 
     Row r of the batch is buffer row r and holds its tokens at cache indices 0..length-1, so a
     row's position ids are its cache indices and rows of any lengths share a step without
@@ -173,46 +173,70 @@ class OrtSlotRunner(GenerationRunner):
     numpy memory), and GroupQueryAttention writes the new columns in place: a decode step copies
     no cache. Dropping a row moves the last rows into its place (only their filled columns); the
     returned order tells the caller. The extra buffer row (`capacity`) holds a prompt being
-    prefilled in chunks until it joins the batch. Buffers grow by doubling, and np.zeros only
-    touches the pages rows actually fill.
+    prefilled in chunks until it joins the batch.
+
+    Memory follows the tokens held: the buffers double in rows and in width (cache positions, up
+    to the context) as the batch needs, and go back to their first size when the batch is empty.
+    A fixed width of the whole context would cost every row its full cache as soon as it is
+    prefilled: ONNX Runtime's CPU kernel writes a prompt row's whole width (measured: +63 MB a row
+    of the GPT-2 124M shape at 1,024 positions, so a warm-up at 32 rows held 2 GB).
     """
 
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
                  n_positions: int = 1024, initial_capacity: int = 4, session_config: dict[str, str] | None = None,
-                 ) -> None:
+                 initial_width: int = 64) -> None:
         if device != "cpu":
             raise ValueError("the GroupQueryAttention graph runs on CPU here; CUDA uses the standard graph")
         self.sess = make_session(path, device, num_threads, session_config)
         self.device = device
         self.past_names, self.present_names, self.kv_dtype, self.info = _kv_contract(
             self.sess, ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"], n_positions)
-        self.capacity = 0
+        self.capacity, self.width = 0, 0
+        self.first_size = (initial_capacity, min(initial_width, n_positions))
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros((0,), np.int64)  # (B,) tokens in each row's cache
-        self._grow(initial_capacity)
-        logger.info("ONNX Runtime GQA generation runner on cpu, %d layers, kv %s, shared KV buffers of %d positions",
+        self.chunk_done = 0  # tokens of a chunked prefill in progress in the extra row
+        self._grow(*self.first_size)
+        logger.info("ONNX Runtime GQA generation runner on cpu, %d layers, kv %s, KV buffers growing to %d positions",
                     self.info.n_layer, np.dtype(self.kv_dtype).name, n_positions)
 
     @property
     def num_rows(self) -> int:
         return int(self.lengths.shape[0])
 
-    def _grow(self, rows: int) -> None:
-        if rows <= self.capacity:
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """KV cache memory: `reserved` by the buffers, `in_use` by the tokens held."""
+        per_token = sum(b.shape[1] * b.shape[3] * b.itemsize for b in self.bufs)
+        return {"reserved": sum(b.nbytes for b in self.bufs),
+                "in_use": per_token * (int(self.lengths.sum()) + self.chunk_done)}
+
+    def _grow(self, rows: int, width: int) -> None:
+        """Room for `rows` rows of `width` positions (doubling, the width capped at the context)."""
+        if rows <= self.capacity and width <= self.width:
             return
-        cap = max(rows, 2 * self.capacity)
-        shape = (cap + 1, self.info.n_head, self.info.n_positions, self.info.head_dim)
-        n, width = self.num_rows, int(self.lengths.max(initial=0))
+        cap = max(rows, 2 * self.capacity) if rows > self.capacity else self.capacity
+        wide = min(self.info.n_positions, max(width, 2 * self.width)) if width > self.width else self.width
+        self._realloc(cap, wide)
+
+    def _realloc(self, cap: int, wide: int) -> None:
+        shape = (cap + 1, self.info.n_head, wide, self.info.head_dim)
+        n, filled = self.num_rows, int(self.lengths.max(initial=0))
         new = []
         for old in self.bufs or [None] * len(self.past_names):
             buf = np.zeros(shape, self.kv_dtype)
             if old is not None:
-                buf[:n, :, :width] = old[:n, :, :width]
-                buf[cap] = old[self.capacity]  # a chunked prefill in progress
+                buf[:n, :, :filled] = old[:n, :, :filled]
+                buf[cap, :, :self.chunk_done] = old[self.capacity, :, :self.chunk_done]  # a chunked prefill
             new.append(buf)
-        self.bufs, self.capacity = new, cap
+        self.bufs, self.capacity, self.width = new, cap, wide
+
+    def _release_if_idle(self) -> None:
+        """With no row and no chunked prefill, go back to the first (small) buffers."""
+        if not self.num_rows and not self.chunk_done and (self.capacity, self.width) != self.first_size:
+            self._realloc(*self.first_size)
 
     def _run(self, ids: np.ndarray, pos: np.ndarray, seqlens_k: np.ndarray, rows: slice,
              sel: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -245,7 +269,7 @@ class OrtSlotRunner(GenerationRunner):
         lengths = np.asarray([len(p) for p in prompts], np.int64)
         self._check_room(lengths)
         n, k, T = self.num_rows, len(prompts), int(lengths.max())
-        self._grow(n + k)
+        self._grow(n + k, T)
         ids = np.zeros((k, T), np.int64)  # right-padded: each row's tokens start at cache index 0
         pos = np.zeros((k, T), np.int64)
         for b, p in enumerate(prompts):
@@ -262,6 +286,7 @@ class OrtSlotRunner(GenerationRunner):
             raise ValueError(f"step got {len(tokens)} tokens for {self.num_rows} rows")
         want = want or Want()
         self._check_room(self.lengths + 1)
+        self._grow(self.num_rows, int(self.lengths.max(initial=0)) + 1)
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         zero = np.zeros(self.num_rows, np.int64)
         logits, *sel = self._run(ids, self.lengths.reshape(-1, 1), self.lengths, slice(0, self.num_rows),
@@ -284,30 +309,39 @@ class OrtSlotRunner(GenerationRunner):
             order[hole] = mover
         order = order[:keep]
         self.lengths = self.lengths[order]
+        self._release_if_idle()
         return order
 
     def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
         want = want or Want()
         ids, pos, end = pending.next_chunk(n_tokens)
         self._check_room(np.asarray([end]))
+        self._grow(self.num_rows, end)
         c = ids.shape[1]
         first, last = np.zeros(1, np.int64), np.full(1, c - 1)
+        self.chunk_done = pending.done
         logits, *sel = self._run(ids, pos, np.asarray([end - 1]), slice(self.capacity, self.capacity + 1),
                                  select_inputs(first, last, c, want, [pending.prompt], [pending.done]))
         out = parse_selection(first, last, want, *sel, logits, final=end == len(pending.prompt))
         if out.prompt is not None:
             pending.scores.append(out.prompt[0])
-        pending.done = end
+        pending.done = self.chunk_done = end
         if pending.remaining:
             return None
         if pending.scores:
             out.prompt, pending.scores = [PromptScores.concat(pending.scores)], []
         n = self.num_rows
-        self._grow(n + 1)
+        self._grow(n + 1, end)
         for buf in self.bufs:
             buf[n, :, :end] = buf[self.capacity, :, :end]
         self.lengths = np.concatenate([self.lengths, [end]])
+        self.chunk_done = 0
         return out
+
+    def abort(self, pending: PendingPrefill) -> None:
+        super().abort(pending)
+        self.chunk_done = 0
+        self._release_if_idle()
 
 
 class OrtClassificationRunner(ClassificationRunner):

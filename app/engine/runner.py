@@ -208,6 +208,11 @@ class GenerationRunner(ABC):
     def reset(self) -> None:
         self.drop(list(range(self.num_rows)))
 
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """KV cache memory in bytes: `reserved` (allocated) and `in_use` (by the tokens held)."""
+        return {"reserved": 0, "in_use": 0}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources (sessions, memory)."""
 
@@ -228,6 +233,16 @@ class PaddedRunner(GenerationRunner):
     @property
     def past_length(self) -> int:
         return int(self.mask.shape[1])
+
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """The padded caches are allocated per step at their exact size: reserved is what they hold,
+        padding included; in use, the real tokens' share of it."""
+        if self.kv is None or not self.num_rows or not self.past_length:
+            return {"reserved": 0, "in_use": 0}
+        reserved = sum(int(np.prod(a.shape)) * a.element_size() if hasattr(a, "element_size") else
+                       int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.kv)
+        return {"reserved": reserved, "in_use": reserved * int(self.mask.sum()) // self.mask.size}
 
     # ---- what a backend provides -------------------------------------------------------------
     @abstractmethod

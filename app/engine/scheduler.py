@@ -388,7 +388,7 @@ class Scheduler:
             self._drop(lambda s: s.finished or s.cancelled)
         if self.on_step:
             self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": new,
-                          "queue": self.queue_size})
+                          "queue": self.queue_size, "kv_bytes": self.runner.kv_bytes})
 
     def _prefill(self) -> int:
         """Put waiting prompts into the cache within this iteration's token limit; returns how

@@ -95,9 +95,64 @@ def test_a_default_start_on_cuda_serves_onnxruntime_fp16(tmp_path, tiny_lm_dir, 
             got = info[part]
             assert (got["backend"], got["device"], got["precision"]) == ("onnxruntime", "cuda", "fp16"), got
             assert got["fallback_reason"] is None
+        graphs = info["generation"]["cuda_graphs"]
+        assert graphs["setting"] == "auto" and graphs["enabled"] is True and graphs["reason"] is None, graphs
         assert info["settings"]["precision"] == "auto"
         r = httpx.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
                        timeout=60)
         assert r.status_code == 200 and r.json()["generated_text"]
     finally:
         stop_server(server)
+
+
+# ---- the fixed-buffer runner and CUDA graphs (issue 22) ---------------------------------------
+def _fixed(tmp_path, tiny_lm_dir, graphs: str = "auto", batch: int = 8):
+    from app.engine.fixed_runner import OrtFixedRunner
+
+    lo = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", precision="fp16",
+                     cache_dir=tmp_path, max_batch_size=batch, cuda_graphs=graphs)
+    assert isinstance(lo.runner, OrtFixedRunner) and lo.attention == "gqa", (lo.attention, lo.fallback_reason)
+    return lo
+
+
+def test_the_fp16_decode_graph_has_no_node_on_the_cpu(tmp_path, tiny_lm_dir) -> None:
+    """ONNX Runtime refuses to make the session if any node would fall back to the CPU EP."""
+    import onnxruntime as ort
+
+    from export.providers import providers_for
+
+    lo = _fixed(tmp_path, tiny_lm_dir, "off")
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    ort.InferenceSession(str(lo.onnx_path), opts, providers=providers_for("cuda"))
+
+
+def test_capture_at_every_bucket_equals_the_eager_steps(tmp_path, tiny_lm_dir) -> None:
+    lo = _fixed(tmp_path, tiny_lm_dir, "on")
+    r = lo.runner
+    assert r.capture(PROMPTS[0]) and r.graphs_on and r.graphs_reason is None  # its self-check: every bucket
+    assert r.buckets == [1, 2, 4, 8]
+    graphs = greedy_batch(r, PROMPTS, 16)  # 3 rows: bucket 4, replayed
+    r.graphs_on = False
+    eager = greedy_batch(r, PROMPTS, 16)
+    assert graphs == eager
+
+
+def test_the_self_check_falls_back_to_eager_steps_when_a_replay_differs(tmp_path, tiny_lm_dir) -> None:
+    """New step buffers after capture: the captured graphs still read the old ones, so the
+    replayed tokens differ from the eager ones. `auto` serves eager steps and says why; `on`
+    refuses."""
+    lo = _fixed(tmp_path, tiny_lm_dir, "auto")
+    r = lo.runner
+    assert r.capture(PROMPTS[0])
+    stale = dict(r._io)  # kept alive: the captured graphs point into them
+    r._io.clear()
+    assert r.capture(PROMPTS[0]) is False and not r.graphs_on
+    assert "differs from eager" in r.graphs_reason
+    assert greedy_batch(r, PROMPTS, 8) == greedy_batch(r, PROMPTS, 8)  # eager steps still serve
+    r.graphs_mode = "on"
+    with pytest.raises(loader.SettingRefusedError, match="CUDA_GRAPHS=on"):
+        r.graphs_on = True
+        r._io.clear()
+        r.capture(PROMPTS[0])
+    del stale

@@ -201,3 +201,30 @@ def test_temperature_scales_only_the_next_token_distribution(kind, graphs, tiny_
     np.testing.assert_allclose(sel.top_logprobs[1], np.sort(hot)[::-1][:4], atol=1e-4)
     np.testing.assert_allclose(sel.logits[1], logits[-1].numpy(), atol=1e-4)  # raw logits stay raw
     check_scores(hf, prompt, sel.prompt[1], 1)  # the prompt positions are not scaled
+
+
+def test_gqa_buffers_follow_the_tokens_held_and_go_back_when_idle(graphs, hf) -> None:
+    """The KV buffers grow in rows and in width (cache positions) as the batch needs, keep every
+    row's cache through a growth (the tokens still equal transformers'), and return to their
+    first size when the batch empties."""
+    r = OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=2, initial_width=8)
+    first = r.kv_bytes["reserved"]
+    assert (r.capacity, r.width) == (2, 8) and r.kv_bytes["in_use"] == 0
+    per_token = 2 * 2 * 4 * 8 * 4  # layers x (key, value) x heads x head_dim x fp32
+    seqs = [[464, 2068, 7586], [1212, 318, 257, 1332, 13]]
+    sel = r.add(seqs)
+    assert r.kv_bytes["in_use"] == per_token * 8
+    for _ in range(6):  # lengths 3, 5 -> 9, 11: the width doubles to 16 on the way
+        for s, t in zip(seqs, sel.top_ids[:, 0], strict=True):
+            s.append(int(t))
+        sel = r.step([s[-1] for s in seqs])
+    assert r.width == 16 and r.capacity == 2
+    for s, t in zip(seqs, sel.top_ids[:, 0], strict=True):
+        assert int(t) == int(next_logits(hf, s).argmax())
+    pending = r.start_prefill(list(range(100, 140)))  # a 40-token prompt in chunks: width 64, one more row
+    while r.advance(pending, 16) is None:
+        pass
+    assert r.num_rows == 3 and r.capacity >= 3 and r.width == 64
+    assert r.kv_bytes["in_use"] == per_token * (9 + 11 + 40)
+    r.reset()
+    assert (r.capacity, r.width) == (2, 8) and r.kv_bytes == {"reserved": first, "in_use": 0}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (issue 22): the `cuda` tests, then `python -m bench.gpu` against
+# transformers fp16 on the same GPU, with the GPU's name and versions, all written under OUT.
+#
+#   bash bench/gpu_check.sh OUT
+#
+# On the lent GPU machine (../shared/gpu/README.md): stage onnxruntime-gpu first, then one call
+#   . .device/base/setup.sh && bash bench/gpu_check.sh $OUT
+# Sized for a 15-minute lease that includes the machine's start: the tests get 4 minutes, the
+# benchmark 5 (2 rounds, the fp16 systems the targets name, 8 s closed loops). Both run even if
+# the first fails; the exit status is the tests'. Nothing here needs the network.
+set -uo pipefail
+OUT=${1:?usage: bash bench/gpu_check.sh OUT}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+  $PY -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+} > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+timeout 240 $PY -m pytest -m cuda -q -rA -p no:cacheprovider tests/app/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log"
+tests=${PIPESTATUS[0]}
+
+timeout 300 $PY -m bench.gpu --systems hf-fp16,ort-fp16 --repeats 2 --per-round 3 --steps 30 --duration 8 \
+  --out "$OUT/gpu_cuda.json" 2>&1 | tee "$OUT/bench_gpu.log"
+echo "gpu_check: tests exit $tests, bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu.txt"
+exit "$tests"
