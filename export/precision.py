@@ -35,7 +35,8 @@ def selection_nodes(model: onnx.ModelProto) -> tuple[str | None, list[onnx.NodeP
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     node = producer.get("logits")
-    while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits"):
+    while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul",
+                                                    "MatMulIntegerToFloat"):
         node = producer.get(node.input[0]) if node.op_type in _PASS_THROUGH else None
     if node is None:
         return None, []
