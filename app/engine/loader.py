@@ -23,11 +23,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.engine import export_memory
 from export import manifest as mf
 
 logger = logging.getLogger(__name__)
@@ -131,9 +133,10 @@ def failure_report_path(export_dir: Path) -> Path:
 
 
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
-                  cancel: threading.Event | None = None) -> tuple[Path, bool]:
+                  cancel: threading.Event | None = None, retry_failed: bool = False) -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
-    exporting it if the cache has none."""
+    exporting it if the cache has none. An export that already failed with the same checkpoint,
+    options and exporter version is not re-run unless `retry_failed` (`export_memory`)."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
     attention = attention_for(task, device)
     final = cache_dir / cache_key(sha, task, precision, attention)
@@ -149,10 +152,13 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
             shutil.rmtree(trash, ignore_errors=True)
         except FileNotFoundError:
             pass  # another process moved it first
+    report = failure_report_path(final)
+    if not retry_failed and (failed := export_memory.remembered(report)) is not None:
+        raise ExportFailedError(export_memory.describe(failed, report), failed.get("output", ""),
+                                failed.get("manifest"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
-    report = failure_report_path(final)
     try:
         try:
             _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
@@ -176,7 +182,9 @@ def _write_failure_report(e: ExportFailedError, path: Path) -> None:
     """Keep the child's whole output (parity table, every failed check) beside the cache entry;
     if that cannot be written, it goes to the log at DEBUG instead."""
     try:
-        mf.write_json_atomic(path, {"summary": e.summary, "manifest": e.manifest, "output": e.output})
+        mf.write_json_atomic(path, {"summary": e.summary, "manifest": e.manifest, "output": e.output,
+                                    "exporter_version": export_memory.exporter_version(),
+                                    "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         e.report = path
     except OSError as err:
         logger.debug("could not write %s (%s); the export's output:\n%s", path, err, e.output)
@@ -231,7 +239,7 @@ def _context_length(onnx_path: Path) -> int:
 
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
-         cancel: threading.Event | None = None) -> Loaded:
+         cancel: threading.Event | None = None, retry_failed_export: bool = False) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
@@ -244,7 +252,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                                    "(install onnxruntime-gpu)")
             if precision == "fp16" and dev == "cpu":
                 logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
-            path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
+            path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed_export)
             from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
 
             attention = attention_for(task, dev)
