@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine import export_memory
+from app.engine import export_memory, memory_fit
 from export import manifest as mf
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     if not retry_failed and (failed := export_memory.remembered(report)) is not None:
         raise ExportFailedError(export_memory.describe(failed, report), failed.get("output", ""),
                                 failed.get("manifest"))
+    memory_fit.check(checkpoint, memory_fit.export_need(checkpoint), "exporting it to ONNX")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
@@ -279,6 +280,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
 
         if not torch.cuda.is_available():
             raise RuntimeError("DEVICE=cuda but neither ONNX Runtime nor PyTorch can use a GPU here")
+    memory_fit.check(checkpoint, memory_fit.torch_need(checkpoint), "serving it on PyTorch")
     cls = TorchGenerationRunner if task == "generate" else TorchClassificationRunner
     served_precision = precision if (precision == "fp16" and dev == "cuda") else "fp32"
     runner = cls(checkpoint, dev, precision, num_threads)
