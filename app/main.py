@@ -48,7 +48,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         max_batch_total_tokens=s.max_batch_total_tokens, max_input_tokens=s.max_input_tokens,
         max_total_tokens=s.max_total_tokens, cancel=cancel, prefill_chunk_tokens=s.prefill_chunk_tokens,
         max_batch_prefill_tokens=s.max_batch_prefill_tokens, waiting_served_ratio=s.waiting_served_ratio,
-        cuda_graphs=s.cuda_graphs,
+        cuda_graphs=s.cuda_graphs, retry_failed_export=s.retry_failed_export,
     )
     engine.start()
     return engine

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from export.graphs import export_generation
-    from export.precision import to_int8
+    from export.precision import to_int8_dynamic
     from model import load_pretrained
 
     ckpt = build_checkpoint(CACHE / "gpt2-124m-random")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 proto = onnx.load(str((graphs | slot_graphs)[fp32]))
                 prune_unused_optional_outputs(proto)
-                to_int8(proto, out)
+                to_int8_dynamic(proto, out)
         del model
 
     # Rounds: every system once per round, medians across rounds. This machine's speed drifts

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from export.graphs import DEFAULT_OPSET
+from export.precision import PRECISIONS
 
 logger = logging.getLogger("export")
 
@@ -22,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, type=Path, help="HF GPT-2 checkpoint folder")
     p.add_argument("--task", required=True, choices=["generate", "classify"])
     p.add_argument("--out", required=True, type=Path, help="output folder for model.onnx + manifest.json")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="int8 / int4: block-quantized weights (MatMulNBits), for CPU; fp16: for CUDA")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check parity against PyTorch (default: on)")
     p.add_argument("--attention", choices=["standard", "gqa"], default="standard",

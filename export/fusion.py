@@ -130,3 +130,58 @@ def untie_gemm_weights(model: onnx.ModelProto) -> int:
         model.graph.node.insert(idx, matmul)
         rewritten += 1
     return rewritten
+
+
+def selection_nodes(model: onnx.ModelProto) -> tuple[str | None, list[onnx.NodeProto]]:
+    """The LM head's output tensor and the nodes after it: the log-softmax, gather and top-N that
+    the generation graph computes from the logits (`model.gpt2.select_tokens`). The head is found
+    from the `logits` output back through shape-only ops to the MatMul (or Gemm) that makes the
+    logits; the selection is every node that neither the head nor the KV cache outputs need.
+    (None, []) for a graph without that head (the classifier)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    node = producer.get("logits")
+    while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul",
+                                                    "MatMulIntegerToFloat"):
+        node = producer.get(node.input[0]) if node.op_type in _PASS_THROUGH else None
+    if node is None:
+        return None, []
+    head = node.output[0]
+    after: set[int] = set()  # the head's descendants
+    todo = [head]
+    while todo:
+        for n in consumers.get(todo.pop(), []):
+            if id(n) not in after:
+                after.add(id(n))
+                todo.extend(n.output)
+    # The body is what the head and the graph outputs not made after it (the KV cache) need; the
+    # rest is the selection, with its own branches from the selection inputs (temperature).
+    made_after = {o for n in model.graph.node if id(n) in after for o in n.output}
+    body: set[int] = set()
+    todo = [head] + [o.name for o in model.graph.output if o.name not in made_after]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in body:
+            body.add(id(n))
+            todo.extend(n.input)
+    return head, [n for n in model.graph.node if id(n) not in body]  # in graph (topological) order
+
+
+_PASS_THROUGH = ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "GatherND", "Flatten")
+
+
+def prune_dangling(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is read: the float16 tool's casts of inputs only the
+    selection reads (it was out of the graph while the tool converted), a Transpose of a weight
+    whose MatMul was quantized."""
+    g = model.graph
+    while True:
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in read for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            g.node.remove(n)

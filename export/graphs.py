@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import onnx
+import onnx_ir
 import torch
 from torch import nn
 from torch.export import Dim
@@ -36,9 +36,6 @@ from export.manifest import DEFAULT_OPSET
 from model.gpt2 import GPT2, GPT2ForSequenceClassification, KVSlots, select_tokens
 
 logger = logging.getLogger(__name__)
-
-# Beyond this many bytes of weights, tensors go to an external data file (protobuf caps at 2 GB).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 # Friendly names for the symbolic dims the exporter invents.
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -97,26 +94,30 @@ class _ClassificationGraph(nn.Module):
         return self.model(input_ids, attention_mask).logits
 
 
-def _set_dims(model: onnx.ModelProto, dims: dict[str, list[str | int]]) -> None:
+def _set_dims(model: onnx_ir.Model, dims: dict[str, list[str | int]]) -> None:
     """Name the dynamic dims of the graph's inputs and outputs (the exporter's are like `s53`)."""
-    for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name not in dims:
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.name not in dims or value.shape is None:
             continue
-        for d, want in zip(vi.type.tensor_type.shape.dim, dims[vi.name], strict=True):
-            if isinstance(want, str):
-                d.dim_param = want
+        want = dims[value.name]
+        if len(want) != len(value.shape):
+            raise ValueError(f"{value.name}: {len(want)} dim names for a rank-{len(value.shape)} value")
+        value.shape = onnx_ir.Shape([onnx_ir.SymbolicDim(w) if isinstance(w, str) else d
+                                     for d, w in zip(value.shape.dims, want, strict=True)])
 
 
 def _save(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path, dims: dict[str, list]) -> None:
-    proto = program.model_proto
-    _set_dims(proto, dims)
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Write the traced graph with its weights in `<path>.data` (external data), always.
+
+    The exporter's in-memory model refers to the torch parameters; saving it this way streams
+    them to the file one tensor at a time. Building the whole `ModelProto` first (what
+    `program.model_proto` does) would hold a second copy of the weights, and protobuf cannot
+    serialize a message past 2 GB at all (GPT-2 large and XL). `export.storage` decides later
+    whether the final export keeps the data file or inlines a small model's weights.
+    """
+    _set_dims(program.model, dims)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if n_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    program.save(str(path), external_data=True)
 
 
 def _select_example(cfg, rows: int, width: int, dev: torch.device, batch: Dim) -> tuple[tuple, dict]:  # noqa: ANN001

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import time
@@ -11,10 +12,13 @@ from typing import Any
 import onnx
 
 from export import manifest as mf
+from export import storage
+from export.agreement import PPL_MARGIN, perplexity_check
 from export.fusion import check_fusion, fused_op_counts, prune_unused_optional_outputs
-from export.graphs import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, export_classification, export_generation
-from export.precision import PRECISIONS, to_fp16, to_int8
-from export.verify import ParityError, verify
+from export.graphs import DEFAULT_OPSET, export_classification, export_generation
+from export.precision import PRECISIONS, to_fp16
+from export.quantize import BLOCK_CONFIGS, quantize_blockwise
+from export.verify import Check, ParityError, verify
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +46,6 @@ def _io_spec(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
         return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
 
     return {"inputs": [one(i) for i in model.graph.input], "outputs": [one(o) for o in model.graph.output]}
-
-
-def _save_proto(model: onnx.ModelProto, path: Path) -> None:
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    kwargs = {"all_tensors_to_one_file": True, "location": path.name + ".data"} if external else {}
-    onnx.save_model(model, str(path), save_as_external_data=external, **kwargs)
 
 
 def export_checkpoint(
@@ -93,27 +91,34 @@ def export_checkpoint(
     for stale in mf.model_files(out) + [mf.MANIFEST]:
         (out / stale).unlink(missing_ok=True)  # a half-replaced export must never look complete
 
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
+    quantized = None
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_name:
+        # The trace is saved with external weights and every pass below reads the graph's
+        # structure alone, weights staying on disk until needed (export.storage): no step
+        # holds a second copy of the weights, and nothing is serialized as one proto past 2 GB.
+        tmp = Path(tmp_name)
+        fp32_path = tmp / "fp32.onnx"
         if is_classifier:
             export_classification(model, fp32_path, opset)
         else:
             export_generation(model, fp32_path, opset, attention=attention)
-        proto = onnx.load(str(fp32_path))
+        gc.collect()  # the exporter's program and its copies of the graph
+        proto = storage.load_structure(fp32_path)
         pruned = prune_unused_optional_outputs(proto)
         logger.info("traced in %.1f s; pruned %d unused optional outputs", time.perf_counter() - t0, pruned)
         counts = check_fusion(proto, n_layer, "standard" if is_classifier else attention)
         if precision == "fp16":
             logger.info("converting to fp16")
+            onnx.external_data_helper.load_external_data_for_model(proto, str(tmp))
             proto = to_fp16(proto)
-            _save_proto(proto, target)
-        elif precision == "int8":
-            logger.info("quantizing MatMul weights to int8")
-            to_int8(proto, target)
-            proto = onnx.load(str(target), load_external_data=False)
+        elif precision in BLOCK_CONFIGS:
+            cfg = BLOCK_CONFIGS[precision]
+            logger.info("block-quantizing weights to %d bits (MatMulNBits, block %d)", cfg.bits, cfg.block_size)
+            quantized = quantize_blockwise(proto, tmp, cfg) | {"bits": cfg.bits, "block_size": cfg.block_size,
+                                                                "symmetric": cfg.symmetric,
+                                                                "accuracy_level": cfg.accuracy_level}
             counts = fused_op_counts(proto)
-        else:
-            _save_proto(proto, target)
+        storage.save(proto, tmp, target)
 
     manifest: dict[str, Any] = {
         "format_version": mf.FORMAT_VERSION,
@@ -128,6 +133,7 @@ def export_checkpoint(
                   else None},
         **_io_spec(proto),
         "fused_ops": counts,
+        "quantization": quantized,
         "expected_skip_layer_norm": 2 * n_layer + 1,
         "files": {name: mf.file_sha256(out / name) for name in mf.model_files(out)},
         "versions": mf.tool_versions(),
@@ -138,7 +144,14 @@ def export_checkpoint(
     if verify_parity:
         logger.info("verifying parity against PyTorch (%s)", precision)
         report = verify(model, target, precision, providers, checkpoint)
-        manifest["parity"] = report.to_dict()
+        ppl = None
+        if precision in PPL_MARGIN and not is_classifier:
+            gc.collect()  # verify's session, before the next one
+            logger.info("held-out perplexity against PyTorch (%s)", precision)
+            ppl = perplexity_check(model, target, precision, checkpoint, providers)
+            report.checks.append(Check("held-out text", "perplexity ratio - 1", max(0.0, ppl["ratio"] - 1),
+                                       ppl["margin"]))
+        manifest["parity"] = report.to_dict() | {"perplexity": ppl}
         manifest["parity"].pop("checks")  # per-scenario detail stays in the CLI output
     mf.write_json_atomic(out / mf.MANIFEST, manifest)
     if report is not None and not report.passed:

@@ -3,8 +3,11 @@
 fp16 (for CUDA): weights and activations in half precision. The KV cache inputs and outputs
 become fp16 too (half the memory traffic per step); `logits` stays fp32 so sampling sees full
 precision. SkipLayerNormalization and Softmax accumulate in fp32 inside ONNX Runtime's kernels.
-int8 (for CPU): ONNX Runtime dynamic quantization of the MatMul weights (per output channel
-int8 weights, activations quantized per call); LayerNorm, GELU and attention stay fp32.
+int8 and int4 (for CPU) are block-quantized weights (`export.quantize`: MatMulNBits, the LM
+head and the embedding included). `to_int8_dynamic` is the int8 this project served before
+(ONNX Runtime's dynamic quantization: per-channel int8 MatMul weights, activations quantized
+per call; the LM head quantized, the embedding not); it is kept for the benchmarks that compare
+the two (BENCHMARKS.md), not served.
 """
 
 from __future__ import annotations
@@ -15,53 +18,13 @@ from pathlib import Path
 
 import onnx
 
-from export.fusion import strip_initializer_value_info, untie_gemm_weights
+from export.fusion import prune_dangling, selection_nodes, strip_initializer_value_info, untie_gemm_weights
+from export.storage import INLINE_LIMIT, initializer_bytes
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FP32_OUTPUTS = ("logits",)
-
-
-def selection_nodes(model: onnx.ModelProto) -> tuple[str | None, list[onnx.NodeProto]]:
-    """The LM head's output tensor and the nodes after it: the log-softmax, gather and top-N that
-    the generation graph computes from the logits (`model.gpt2.select_tokens`). The head is found
-    from the `logits` output back through shape-only ops to the MatMul (or Gemm) that makes the
-    logits; the selection is every node that neither the head nor the KV cache outputs need.
-    (None, []) for a graph without that head (the classifier)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    node = producer.get("logits")
-    while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul",
-                                                    "MatMulIntegerToFloat"):
-        node = producer.get(node.input[0]) if node.op_type in _PASS_THROUGH else None
-    if node is None:
-        return None, []
-    head = node.output[0]
-    after: set[int] = set()  # the head's descendants
-    todo = [head]
-    while todo:
-        for n in consumers.get(todo.pop(), []):
-            if id(n) not in after:
-                after.add(id(n))
-                todo.extend(n.output)
-    # The body is what the head and the graph outputs not made after it (the KV cache) need; the
-    # rest is the selection, with its own branches from the selection inputs (temperature).
-    made_after = {o for n in model.graph.node if id(n) in after for o in n.output}
-    body: set[int] = set()
-    todo = [head] + [o.name for o in model.graph.output if o.name not in made_after]
-    while todo:
-        n = producer.get(todo.pop())
-        if n is not None and id(n) not in body:
-            body.add(id(n))
-            todo.extend(n.input)
-    return head, [n for n in model.graph.node if id(n) not in body]  # in graph (topological) order
-
-
-_PASS_THROUGH = ("Gather", "Slice", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast", "GatherND", "Flatten")
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -104,25 +67,13 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             new.CopyFrom(converted.get(o.name, o))  # the selection's outputs keep their own types
         del g.output[:]
         g.output.extend(restored)
-    _prune_dangling(model)
+    prune_dangling(model)
     return model
 
 
-def _prune_dangling(model: onnx.ModelProto) -> None:
-    """Remove nodes none of whose outputs is read (the converter's casts of inputs that only the
-    selection reads, which was not in the graph while it converted)."""
-    g = model.graph
-    while True:
-        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in read for o in n.output)]
-        if not dead:
-            return
-        for n in dead:
-            g.node.remove(n)
-
-
-def to_int8(model: onnx.ModelProto, out_path: Path) -> None:
-    """Write the dynamically quantized (int8 MatMul weights) version of `model` to `out_path`."""
+def to_int8_dynamic(model: onnx.ModelProto, out_path: Path) -> None:
+    """Write the dynamically quantized (int8 MatMul weights) version of `model` (weights
+    inline) to `out_path`. Holds the whole model in memory: for benchmarks on small models."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     strip_initializer_value_info(model)
@@ -131,7 +82,7 @@ def to_int8(model: onnx.ModelProto, out_path: Path) -> None:
         logger.info("untied %d shared Gemm weight(s) before quantization", n)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "fp32.onnx"
-        onnx.save_model(model, str(src), save_as_external_data=model.ByteSize() > 1_800_000_000)
+        onnx.save_model(model, str(src), save_as_external_data=initializer_bytes(model) > INLINE_LIMIT)
         quantize_dynamic(
             src, out_path,
             op_types_to_quantize=["MatMul"],

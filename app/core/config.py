@@ -23,9 +23,12 @@ class Settings(BaseSettings):
                                          description="sequence-classification checkpoint folder; empty disables")
     backend: Literal["auto", "onnxruntime", "torch"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
-        "auto", description="auto: fp16 on CUDA, fp32 on CPU (as TGI and vLLM); an explicit value is obeyed")
+    precision: Literal["auto", "fp32", "fp16", "int8", "int4"] = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 on CPU (as TGI and vLLM); int8 / int4: block-quantized "
+                            "weights (MatMulNBits) for CPU; an explicit value is obeyed")
     onnx_cache_dir: Path = Field(Path(".onnx_cache"), description="exports are made once and reused from here")
+    retry_failed_export: bool = Field(False, description="re-run an export that already failed with the same "
+                                                         "checkpoint, options and exporter version")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     max_input_tokens: int = Field(512, ge=1)

@@ -81,10 +81,11 @@ class Engine:
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
              cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
              max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
-             score_chunk_tokens: int = 128, cuda_graphs: str = "auto") -> Engine:
+             score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False) -> Engine:
         """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
-                  cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs)
+                  cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
+                  retry_failed_export=retry_failed_export)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
         return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,

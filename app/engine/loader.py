@@ -26,11 +26,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.engine import export_memory, memory_fit
 from export import manifest as mf
 
 logger = logging.getLogger(__name__)
@@ -141,9 +143,11 @@ def failure_report_path(export_dir: Path) -> Path:
 
 
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
-                  cancel: threading.Event | None = None, attention: str | None = None) -> tuple[Path, bool]:
+                  cancel: threading.Event | None = None, retry_failed: bool = False,
+                  attention: str | None = None) -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
-    exporting it if the cache has none."""
+    exporting it if the cache has none. An export that already failed with the same checkpoint,
+    options and exporter version is not re-run unless `retry_failed` (`export_memory`)."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
     attention = attention or attention_for(task, device, precision)
     final = cache_dir / cache_key(sha, task, precision, attention)
@@ -159,10 +163,14 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
             shutil.rmtree(trash, ignore_errors=True)
         except FileNotFoundError:
             pass  # another process moved it first
+    report = failure_report_path(final)
+    if not retry_failed and (failed := export_memory.remembered(report)) is not None:
+        raise ExportFailedError(export_memory.describe(failed, report), failed.get("output", ""),
+                                failed.get("manifest"))
+    memory_fit.check(checkpoint, memory_fit.export_need(checkpoint), "exporting it to ONNX")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
     logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
-    report = failure_report_path(final)
     try:
         try:
             _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
@@ -186,7 +194,9 @@ def _write_failure_report(e: ExportFailedError, path: Path) -> None:
     """Keep the child's whole output (parity table, every failed check) beside the cache entry;
     if that cannot be written, it goes to the log at DEBUG instead."""
     try:
-        mf.write_json_atomic(path, {"summary": e.summary, "manifest": e.manifest, "output": e.output})
+        mf.write_json_atomic(path, {"summary": e.summary, "manifest": e.manifest, "output": e.output,
+                                    "exporter_version": export_memory.exporter_version(),
+                                    "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         e.report = path
     except OSError as err:
         logger.debug("could not write %s (%s); the export's output:\n%s", path, err, e.output)
@@ -236,13 +246,13 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
 
 
 def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
-              cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str) -> Loaded:
+              cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool) -> Loaded:
     from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
 
     attention = attention_for(task, dev, precision)
     note = None
     try:
-        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, attention)
+        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention)
     except ExportFailedError as e:
         if not (dev == "cuda" and attention == "gqa") or cuda_graphs == "on":
             raise
@@ -250,7 +260,7 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
         note = f"GroupQueryAttention graph not used ({one_line(e)}); standard graph, no CUDA graphs"
         logger.warning("%s", note)
         attention = "standard"
-        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, attention)
+        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention)
     n_positions = _context_length(path)
     if task != "generate":
         runner = OrtClassificationRunner(path, dev, num_threads, n_positions=n_positions)
@@ -272,10 +282,12 @@ def _context_length(onnx_path: Path) -> int:
 
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
-         cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto") -> Loaded:
+         cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto",
+         retry_failed_export: bool = False) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION.
     `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
-    is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up)."""
+    is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up);
+    `retry_failed_export` re-runs an export that failed before (`export_memory`)."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
     precision = resolve_precision(precision, dev)
@@ -291,7 +303,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                 raise SettingRefusedError(f"CUDA_GRAPHS=on needs DEVICE=cuda and PRECISION=fp16 "
                                           f"(this start resolved to {dev}, {precision})")
             return _load_ort(task, checkpoint, dev, precision, cache_dir, num_threads, cancel, max_batch_size,
-                             cuda_graphs)
+                             cuda_graphs, retry_failed_export)
         except (LoadCancelledError, SettingRefusedError):
             raise
         except Exception as e:
@@ -307,6 +319,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
 
         if not torch.cuda.is_available():
             raise RuntimeError("DEVICE=cuda but neither ONNX Runtime nor PyTorch can use a GPU here")
+    memory_fit.check(checkpoint, memory_fit.torch_need(checkpoint), "serving it on PyTorch")
     cls = TorchGenerationRunner if task == "generate" else TorchClassificationRunner
     served_precision = precision if (precision == "fp16" and dev == "cuda") else "fp32"
     runner = cls(checkpoint, dev, precision, num_threads)

@@ -13,11 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import graphs, pipeline
-from export.fusion import FusionError, check_fusion, op_counts, untie_gemm_weights
+from export.fusion import FusionError, check_fusion, op_counts, selection_nodes, untie_gemm_weights
 from export.manifest import checkpoint_sha256, read_manifest, verify_files
 from export.pipeline import ExportError, export_checkpoint
-from export.precision import selection_nodes
 from export.verify import TOP1_FLOOR, verify
 from model import load_pretrained
 from tests.conftest import make_hf_checkpoint
@@ -242,18 +240,33 @@ def test_fp16_runs_on_cpu_and_agrees(tmp_path, tiny_lm_dir) -> None:
     assert 0 < par["max_logit_error"] < 1e-2  # really half precision, and close
 
 
-def test_int8_quantizes_matmuls_and_keeps_agreement_floor(tmp_path, tiny_lm_dir) -> None:
-    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int8")
-    proto = onnx.load(str(tmp_path / "model.onnx"))
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_block_quantized_export_covers_head_and_embedding(tmp_path, tiny_lm_dir, precision) -> None:
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision=precision)
+    proto = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     counts = op_counts(proto)
-    # 4 weight MatMuls per layer + the (untied) LM head, all int8; attention's two stay fp32, and so
-    # does the selection's sum over the vocabulary (a MatMul with a ones vector).
-    assert counts["DynamicQuantizeMatMul"] + counts["MatMulInteger"] == 4 * 2 + 1
+    # 4 weight MatMuls per layer + the tied LM head, all MatMulNBits; attention's two stay fp32;
+    # the token embedding is a GatherBlockQuantized (the position table stays a Gather).
+    assert counts["MatMulNBits"] == 4 * 2 + 1 and counts["Gemm"] == 0
+    assert counts["GatherBlockQuantized"] == 1 and counts["Gather"] >= 1
+    bits = {8: 0, 4: 0}
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            bits[a["bits"]] += 1
+            assert a["block_size"] == 32 and a["accuracy_level"] == 4
+    assert bits[int(precision[3:])] == 9
+    # The selection's sum over the vocabulary (a MatMul with a ones vector) stays fp32.
     assert [n.op_type for n in selection_nodes(proto)[1]].count("MatMul") == 1
     assert counts["SkipLayerNormalization"] == 5
+    assert {i.name for i in proto.graph.initializer}.isdisjoint({"model.lm_head.weight"})  # no fp32 wte left
     par = manifest["parity"]
-    assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR["int8"]
+    assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR[precision]
     assert par["max_logit_error"] > 0
+    ppl = par["perplexity"]
+    assert ppl["passed"] and ppl["tokens"] > 0 and abs(ppl["ratio"] - 1) <= ppl["margin"]
+    assert manifest["quantization"]["bits"] == int(precision[3:])
+    assert manifest["files"].keys() == {"model.onnx", "model.onnx.data"}
 
 
 def test_untie_gemm_leaves_the_embedding_alone(tmp_path, tiny_lm_dir) -> None:
@@ -281,9 +294,12 @@ def test_check_fusion_rejects_a_plain_layernorm() -> None:
         check_fusion(onnx.helper.make_model(g), n_layer=1)
 
 
-def test_large_models_use_external_data(tmp_path, tiny_lm_dir, monkeypatch) -> None:
-    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 0)
+def test_weights_are_external_data_and_no_proto_is_serialized_whole(tmp_path, tiny_lm_dir, monkeypatch) -> None:
+    # Protobuf cannot serialize (or even size) a message past 2 GB: the export must never ask.
+    def refuse(self):  # noqa: ANN001
+        raise AssertionError("ModelProto.ByteSize() called on the export path")
+
+    monkeypatch.setattr(onnx.ModelProto, "ByteSize", refuse)
     manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate")
     assert sorted(manifest["files"]) == ["model.onnx", "model.onnx.data"]
     assert (tmp_path / "model.onnx").stat().st_size < (tmp_path / "model.onnx.data").stat().st_size
@@ -307,8 +323,8 @@ def test_manifest_records_hashes_versions_and_detects_damage(tmp_path, tiny_lm_d
 def test_export_rejects_bad_arguments(tmp_path, tiny_lm_dir, tiny_classifier_dir) -> None:
     with pytest.raises(ExportError, match="unknown task 'summarise'"):
         export_checkpoint(tiny_lm_dir, tmp_path, "summarise")
-    with pytest.raises(ExportError, match="unknown precision 'int4'"):
-        export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int4")
+    with pytest.raises(ExportError, match="unknown precision 'int3'"):
+        export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int3")
     with pytest.raises(ExportError, match="holds a sequence classifier"):
         export_checkpoint(tiny_classifier_dir, tmp_path, "generate", verify_parity=False)
     with pytest.raises(ExportError, match="holds a language model"):

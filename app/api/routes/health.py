@@ -50,6 +50,7 @@ async def info(state: StateDep) -> dict[str, Any]:
             "max_stop_sequences": 4,
         },
         "settings": {"backend": s.backend, "device": s.device, "precision": s.precision,
+                     "retry_failed_export": s.retry_failed_export,
                      "num_threads": s.num_threads, "auth": bool(s.api_key)},
     }
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from app.engine import loader
+from app.engine import export_memory, loader
 from app.engine.ort_runner import GraphContractError, OrtGenerationRunner, OrtSlotRunner
 from export.manifest import file_sha256, read_manifest
 
@@ -131,7 +131,7 @@ def test_classifier_loads_on_both_backends_with_equal_logits(cache, tiny_classif
 def test_auto_precision_is_fp16_on_cuda_and_fp32_on_cpu_and_explicit_wins() -> None:
     assert loader.resolve_precision("auto", "cuda") == "fp16"
     assert loader.resolve_precision("auto", "cpu") == "fp32"
-    for explicit in ("fp32", "fp16", "int8"):
+    for explicit in ("fp32", "fp16", "int8", "int4"):
         assert loader.resolve_precision(explicit, "cuda") == explicit
         assert loader.resolve_precision(explicit, "cpu") == explicit
 
@@ -173,8 +173,30 @@ def test_a_failed_parity_check_falls_back_with_one_line_and_the_full_report_besi
     assert [p.name for p in tmp_path.iterdir()] == [report_path.name]
     # BACKEND=onnxruntime refuses, with the same line.
     with pytest.raises(loader.ExportFailedError) as err:
-        loader.load("generate", nan_lm_dir, backend="onnxruntime", cache_dir=tmp_path)
+        loader.load("generate", nan_lm_dir, backend="onnxruntime", cache_dir=tmp_path, retry_failed_export=True)
     assert loader.one_line(err.value) == reason
+
+
+def test_a_failed_export_is_remembered_and_not_rerun_until_retried(nan_lm_dir, tmp_path) -> None:
+    first = loader.load("generate", nan_lm_dir, cache_dir=tmp_path)
+    report = Path(first.fallback_reason.rsplit("full report: ", 1)[1])
+    data = json.loads(report.read_text())
+    assert data["exporter_version"] == export_memory.exporter_version() and data["failed_at"]
+    stamp = report.stat().st_mtime_ns
+    again = loader.load("generate", nan_lm_dir, cache_dir=tmp_path)  # same checkpoint, options, exporter
+    assert again.backend == "torch" and "\n" not in again.fallback_reason
+    assert again.fallback_reason.startswith("ExportFailedError: export parity failed on CPUExecutionProvider (fp32)")
+    assert f"remembered from {data['failed_at']}, not retried: set RETRY_FAILED_EXPORT=1" in again.fallback_reason
+    assert report.stat().st_mtime_ns == stamp  # the export did not run again
+    assert [p.name for p in tmp_path.iterdir()] == [report.name]
+    # An exporter that changed since (another version recorded) tries again, and so does a retry.
+    report.write_text(json.dumps(data | {"exporter_version": "0.0.0+other"}))
+    third = loader.load("generate", nan_lm_dir, cache_dir=tmp_path)
+    assert "remembered" not in third.fallback_reason
+    assert json.loads(report.read_text())["exporter_version"] == export_memory.exporter_version()
+    stamp = report.stat().st_mtime_ns
+    loader.load("generate", nan_lm_dir, cache_dir=tmp_path, retry_failed_export=True)
+    assert report.stat().st_mtime_ns > stamp
 
 
 def test_a_failed_export_names_the_childs_last_line_and_a_later_success_removes_the_report(
@@ -188,3 +210,21 @@ def test_a_failed_export_names_the_childs_last_line_and_a_later_success_removes_
     path, hit = loader.ensure_export(tiny_lm_dir, "generate", "fp32", tmp_path)
     assert not hit and path.parent == stale.with_name(stale.name.removesuffix(".failed.json"))
     assert not stale.exists()
+
+
+def test_a_checkpoint_that_cannot_fit_says_why_in_one_line(tiny_lm_dir, tmp_path, monkeypatch) -> None:
+    from app.engine import memory_fit
+
+    need = memory_fit.export_need(tiny_lm_dir)
+    assert need == 2 * memory_fit.fp32_weight_bytes(tiny_lm_dir) + memory_fit.RUNTIME_BYTES
+    # The weights as the config gives them are what the checkpoint holds (tied head once).
+    raw = (tiny_lm_dir / "model.safetensors").read_bytes()  # 8-byte header length, header, tensors
+    assert memory_fit.fp32_weight_bytes(tiny_lm_dir) == len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    monkeypatch.setattr(memory_fit, "available_bytes", lambda: 100 << 20)  # a 100 MiB container
+    with pytest.raises(memory_fit.MemoryFitError) as err:
+        loader.load("generate", tiny_lm_dir, cache_dir=tmp_path)  # auto: the export, then PyTorch, both too big
+    line = loader.one_line(err.value)
+    assert "\n" not in line and "serving it on PyTorch needs about 0.6 GiB" in line and "0.1 GiB is available" in line
+    with pytest.raises(memory_fit.MemoryFitError, match="exporting it to ONNX needs about 0.6 GiB"):
+        loader.load("generate", tiny_lm_dir, backend="onnxruntime", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing was started

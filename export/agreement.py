@@ -1,0 +1,106 @@
+"""Held-out perplexity of a quantized generation graph against the PyTorch fp32 model.
+
+Top-1 agreement (export.verify) says whether the graph picks the same next token; it does not
+say how much the distribution moved. So a quantized export also scores a held-out text
+(`heldout.txt`: fortunes written for this project's tests, never seen by the demo LM in
+training) with the graph and with PyTorch, and the perplexity ratio must stay within
+`PPL_MARGIN`. The graph is run the way it serves: one token per step for 8 rows at a time,
+each row feeding its own KV cache back; PyTorch scores the same rows in one forward pass.
+
+Margins (ratio - 1, upper bound), measured on the demo LM and on the random-weight GPT-2
+124M shape (BENCHMARKS.md, "Block-quantized weights"): int8 blocks moved the ratio by
+less than 0.2%, int4 blocks by about 1-3%; the margins leave room for other checkpoints and
+still fail a broken quantization, which multiplies perplexity many times over.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.providers import with_options
+from model.gpt2 import GPT2
+
+HELDOUT = Path(__file__).with_name("heldout.txt")
+PPL_MARGIN = {"int8": 0.01, "int4": 0.08}
+ROWS, ROW_TOKENS = 8, 128
+
+
+def heldout_rows(checkpoint: Path | None, vocab_size: int, n_positions: int) -> np.ndarray:
+    """(rows, tokens) int64 of the held-out text, tokenized with the checkpoint's tokenizer
+    (random ids with a fixed seed when it has none that fits the vocabulary)."""
+    length = min(ROW_TOKENS, n_positions)
+    ids: list[int] = []
+    if checkpoint is not None:
+        try:
+            from model.tokenizer import GPT2Tokenizer
+
+            tok = GPT2Tokenizer.from_dir(checkpoint)
+            if tok.vocab_size <= vocab_size:
+                text = "".join(ln for ln in HELDOUT.read_text(encoding="utf-8").splitlines(keepends=True)
+                               if not ln.startswith("#"))
+                ids = tok.encode(text)
+        except (FileNotFoundError, ValueError):
+            ids = []
+    if len(ids) < length:
+        ids = np.random.default_rng(0).integers(0, vocab_size, size=ROWS * length).tolist()
+    rows = min(ROWS, len(ids) // length)
+    return np.asarray(ids[: rows * length], dtype=np.int64).reshape(rows, length)
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-position negative log-likelihood of `targets` under `logits` (..., V), in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(-1)) + m[..., 0]
+    return lse - np.take_along_axis(x, targets[..., None], -1)[..., 0]
+
+
+@torch.no_grad()
+def torch_nll(model: GPT2, rows: np.ndarray) -> float:
+    logits = model(torch.from_numpy(rows)).logits.float().numpy()  # (B, T, V)
+    return float(_nll(logits[:, :-1], rows[:, 1:]).mean())
+
+
+def graph_nll(onnx_path: Path, rows: np.ndarray, providers: list[str] | None = None) -> float:
+    """Mean next-token NLL of `rows` under the generation graph, decoding one token per step."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=with_options(providers or ["CPUExecutionProvider"]))
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    past = sorted(n for n in inputs if n.startswith("past_key_values."))
+    kv_dtype = np.float16 if inputs[past[0]].type == "tensor(float16)" else np.float32
+    _, n_head, _, head_dim = inputs[past[0]].shape
+    B, T = rows.shape
+    gqa = "seqlens_k" in inputs
+    kv = {n: np.zeros((B, n_head, T if gqa else 0, head_dim), kv_dtype) for n in past}
+    nll = []
+    for t in range(T - 1):
+        feed = {"input_ids": rows[:, t:t + 1], "position_ids": np.full((B, 1), t, np.int64)}
+        if gqa:
+            feed |= {"seqlens_k": np.full((B,), t, np.int32), "total_sequence_length": np.array(t + 1, np.int32)}
+        else:
+            feed["attention_mask"] = np.ones((B, t + 1), np.int64)
+        out = dict(zip(outputs, sess.run(None, feed | kv), strict=True))
+        kv = {n: out[n.replace("past_key_values.", "present.")] for n in past}
+        nll.append(_nll(out["logits"], rows[:, t + 1]))
+    return float(np.mean(nll))
+
+
+def perplexity_check(model: GPT2, onnx_path: Path, precision: str, checkpoint: Path | None,
+                     providers: list[str] | None = None) -> dict[str, float | int | bool]:
+    """Perplexity of the held-out rows under PyTorch and under the graph, their ratio, and
+    whether it is within the precision's margin."""
+    cfg = model.config
+    rows = heldout_rows(checkpoint, cfg.vocab_size, cfg.n_positions)
+    ref, got = torch_nll(model, rows), graph_nll(onnx_path, rows, providers)
+    ratio = math.exp(got - ref)
+    margin = PPL_MARGIN[precision]
+    return {"tokens": int(rows.shape[0] * (rows.shape[1] - 1)), "torch": math.exp(ref), "onnx": math.exp(got),
+            "ratio": ratio, "margin": margin, "passed": ratio - 1 <= margin}
