@@ -66,7 +66,9 @@ def torch_nll(model: GPT2, rows: np.ndarray) -> float:
 
 
 def graph_nll(onnx_path: Path, rows: np.ndarray, providers: list[str] | None = None) -> float:
-    """Mean next-token NLL of `rows` under the generation graph, decoding one token per step."""
+    """Mean next-token NLL of `rows` under the generation graph, decoding one token per step; the
+    graph's own log-probability of the next token (`target_ids` -> `token_logprobs`, computed where
+    the logits are), the mechanism the server scores prompts with."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -82,14 +84,16 @@ def graph_nll(onnx_path: Path, rows: np.ndarray, providers: list[str] | None = N
     kv = {n: np.zeros((B, n_head, T if gqa else 0, head_dim), kv_dtype) for n in past}
     nll = []
     for t in range(T - 1):
-        feed = {"input_ids": rows[:, t:t + 1], "position_ids": np.full((B, 1), t, np.int64)}
+        feed = {"input_ids": rows[:, t:t + 1], "position_ids": np.full((B, 1), t, np.int64),
+                "logits_index": np.arange(B, dtype=np.int64)[:, None], "target_ids": rows[:, t + 1:t + 2],
+                "temperature": np.ones(B, np.float32), "top_n": np.array(1, np.int64)}
         if gqa:
             feed |= {"seqlens_k": np.full((B,), t, np.int32), "total_sequence_length": np.array(t + 1, np.int32)}
         else:
             feed["attention_mask"] = np.ones((B, t + 1), np.int64)
         out = dict(zip(outputs, sess.run(None, feed | kv), strict=True))
         kv = {n: out[n.replace("past_key_values.", "present.")] for n in past}
-        nll.append(_nll(out["logits"], rows[:, t + 1]))
+        nll.append(-out["token_logprobs"][:, 0].astype(np.float64))
     return float(np.mean(nll))
 
 

@@ -9,6 +9,7 @@ minus what is in use, and the host's MemAvailable.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,13 +24,18 @@ class MemoryFitError(RuntimeError):
 
 
 def fp32_weight_bytes(checkpoint: Path) -> int:
-    """fp32 bytes of a GPT-2 checkpoint's parameters, from its config (tied head counted once)."""
-    from model.checkpoint import read_config
-
-    c = read_config(checkpoint)
-    e, inner = c.n_embd, c.inner_dim
+    """fp32 bytes of a GPT-2 checkpoint's parameters, from its config.json (tied head counted
+    once). Read as plain JSON: `model.checkpoint` imports torch, which the serving process of the
+    ONNX Runtime path never does."""
+    try:
+        raw = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+        e = int(raw.get("n_embd", 768))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0  # a broken checkpoint: the export or the loader says what is wrong with it
+    inner = int(raw.get("n_inner") or 4 * e)
     per_layer = e * 3 * e + 3 * e + e * e + e + e * inner + inner + inner * e + e + 4 * e
-    return 4 * (c.vocab_size * e + c.n_positions * e + c.n_layer * per_layer + 2 * e)
+    return 4 * (int(raw.get("vocab_size", 50257)) * e + int(raw.get("n_positions", 1024)) * e
+                + int(raw.get("n_layer", 12)) * per_layer + 2 * e)
 
 
 def _read_int(path: str) -> int | None:
