@@ -196,10 +196,10 @@ def load_chat_template(setting: str | None, checkpoint: Path | None) -> ChatTemp
     source, origin, named = None, None, {}
     if setting:
         path = Path(setting).expanduser()
-        if path.is_file():
-            source, origin = path.read_text(encoding="utf-8"), f"CHAT_TEMPLATE={path}"
-        elif "{{" in setting or "{%" in setting:
+        if "{{" in setting or "{%" in setting:
             source, origin = setting, "CHAT_TEMPLATE (inline)"
+        elif path.is_file():
+            source, origin = path.read_text(encoding="utf-8"), f"CHAT_TEMPLATE={path}"
         else:
             raise ValueError(f"CHAT_TEMPLATE={setting!r}: no such file (give a Jinja file or the template text)")
     elif checkpoint and checkpoint.is_dir():
