@@ -289,6 +289,8 @@ def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[int], m
         raise InputError("min_tokens", f"min_tokens ({body.min_tokens}) must be less than or equal to max_tokens "
                                        f"({max_tokens})")
     truncate = body.truncate_prompt_tokens
+    if truncate == 0:
+        raise InputError("truncate_prompt_tokens", "must be -1 (the input limit) or at least 1")
     if truncate == -1:
         truncate = engine.limits()["max_input_tokens"]
     seeds = [None if body.seed is None else body.seed + j for j in range(best_of)]
