@@ -8,7 +8,7 @@ ORT ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 
 .PHONY: install test test-fast lint serve clean image image-test replica-test k8s-test bench-venv bench-export \
 	bench-server bench-levers bench-targets bench-single bench-concurrency bench-ttft bench-startup bench-aiperf-venv \
-	bench-aiperf
+	bench-aiperf guidellm-venv
 
 install: $(VENV)/.installed
 
@@ -23,9 +23,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-deps text-generation
 	touch $@
 
-test: install
+test: install guidellm-venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# guidellm (vLLM's benchmark tool), run unchanged by tests/app/test_guidellm.py, in its own venv: its
+# dependencies (click~=8.4, datasets) are not ours. Exact versions in tests/guidellm-constraints.txt.
+GUIDELLM_VENV := tests/.venv-guidellm
+guidellm-venv: $(GUIDELLM_VENV)/.installed
+
+$(GUIDELLM_VENV)/.installed: tests/guidellm-constraints.txt
+	$(PYTHON) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install -q --upgrade pip
+	$(GUIDELLM_VENV)/bin/pip install -q torch==2.13.0
+	$(GUIDELLM_VENV)/bin/pip install -q -c tests/guidellm-constraints.txt guidellm
+	touch $@
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
@@ -38,7 +50,7 @@ serve: install
 	$(BIN)/python -m app
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(GUIDELLM_VENV)
 
 # Deployment (docs/DEPLOY.md). The CPU image with podman, on a host with no registry: a Debian
 # bookworm base from debootstrap, the local torch wheel, this host's CA bundle (deploy/podman/).

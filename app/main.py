@@ -22,6 +22,7 @@ from app.core.config import Settings, get_settings
 from app.core.errors import UnauthorizedError, error_response, error_type_for, install_error_handlers
 from app.engine.engine import Engine
 from app.engine.loader import LoadCancelledError, one_line
+from app.protocol.chat_template import load_chat_template
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -64,6 +65,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async def load() -> None:
         t0 = time.perf_counter()
         try:
+            s = state.settings
+            state.chat_template = await asyncio.to_thread(load_chat_template, s.chat_template, s.model_path)
             engine = await asyncio.to_thread(_load_engine, state.settings, cancel)
         except LoadCancelledError:
             logger.info("loading cancelled by shutdown")

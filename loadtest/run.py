@@ -137,7 +137,10 @@ class LoadConfig:
         if self.endpoint == "classify":
             return {"inputs": prompt}
         if self.endpoint == "completions":
-            return {"prompt": prompt, "max_tokens": self.max_new_tokens, "temperature": 0, "stream": self.streaming}
+            body = {"prompt": prompt, "max_tokens": self.max_new_tokens, "temperature": 0, "stream": self.streaming}
+            if self.streaming:  # the usage chunk comes only when asked for (OpenAI)
+                body["stream_options"] = {"include_usage": True}
+            return body
         params: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
         if not self.streaming:
             params["details"] = True

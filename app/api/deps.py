@@ -13,6 +13,7 @@ from app.core.config import Settings
 from app.core.errors import OverloadedError, UnauthorizedError, UnavailableError
 from app.core.metrics import Metrics
 from app.engine.engine import Engine
+from app.protocol.chat_template import ChatTemplate
 
 
 @dataclass
@@ -22,6 +23,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
+    chat_template: ChatTemplate | None = None  # for /v1/chat/completions
     ready: bool = False
     draining: bool = False
     load_error: str | None = None

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
                                                             "streams run: bounds their inter-token latency")
     waiting_served_ratio: float = Field(1.2, ge=0, description="with this many waiting prompts per decoding row, "
                                                                "prefill them at once instead of in chunks (TGI)")
+    max_best_of: int = Field(8, ge=1, description="candidates per prompt: TGI's best_of, OpenAI's n and best_of")
+    chat_template: str | None = Field(None, description="a Jinja chat template file (or the template text) for "
+                                                        "/v1/chat/completions; default: the checkpoint's")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA fp16: capture decode steps as CUDA graphs per batch bucket, checked against "
@@ -53,7 +56,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
-    @field_validator("classifier_path", "api_key", "model_id", mode="before")
+    @field_validator("classifier_path", "api_key", "model_id", "chat_template", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v

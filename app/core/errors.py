@@ -64,6 +64,14 @@ class ClientDisconnectedError(ServiceError):
     error_type = "generation"
 
 
+class BadRequestError(ServiceError):
+    """A request this server cannot serve as configured (e.g. chat without a chat template): 422,
+    OpenAI's 400 on /v1/*."""
+
+    status_code = 422
+    error_type = "validation"
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     error_type = "validation"

@@ -66,6 +66,7 @@ class Engine:
             probe = classification.runner.classify([[0]])  # also a warm-up
             self.labels = _id2label(classification.checkpoint, probe.shape[-1])
         self.context_length = generation.runner.info.n_positions if generation else 0
+        self.vocab_size = generation.runner.info.vocab_size if generation else 0
         self.scheduler = Scheduler(
             generation.runner if generation else None, self.tokenizer,
             classification.runner if classification else None, max_batch_size, max_batch_total_tokens,
@@ -141,17 +142,29 @@ class Engine:
                 loaded.runner.close()
 
     # ---- generation --------------------------------------------------------------------------
+    def limits(self) -> dict[str, int | None]:
+        """The prompt and prompt + generation limits enforced: the settings capped by the model's context."""
+        ctx = self.context_length or None
+
+        def cap(setting: int | None) -> int | None:
+            return ctx if setting is None else setting if ctx is None else min(setting, ctx)
+
+        return {"max_input_tokens": cap(self.max_input_tokens), "max_total_tokens": cap(self.max_total_tokens)}
+
     def prepare(self, inputs: str | list[int], max_new_tokens: int, params: SamplingParams | None = None,
                 stop: list[str] | None = None, logprobs: int | None = None,
-                prompt_logprobs: int | None = None) -> GenerationRequest:
+                prompt_logprobs: int | None = None, truncate: int | None = None) -> GenerationRequest:
         """Tokenize and check a generation request. `logprobs`: alternatives per generated token;
         `prompt_logprobs`: score the prompt (each token's log-probability and that many
-        alternatives), which also allows `max_new_tokens == 0` (score only)."""
+        alternatives), which also allows `max_new_tokens == 0` (score only). `truncate`: keep only
+        the prompt's last `truncate` tokens (TGI's `truncate`, vLLM's `truncate_prompt_tokens`)."""
         if self.generation is None:
             raise EngineUnavailableError("no generation model is loaded")
         ids = self.tokenizer.encode(inputs) if isinstance(inputs, str) else list(inputs)
         if not ids:
             raise InputError("inputs", "must not be empty")
+        if truncate is not None:
+            ids = ids[-truncate:]
         if any(not 0 <= i < self.generation.runner.info.vocab_size for i in ids):
             raise InputError("inputs", "token id out of the vocabulary")
         if max_new_tokens < (0 if prompt_logprobs is not None else 1):

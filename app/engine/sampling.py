@@ -1,13 +1,18 @@
 """Next-token choice on last-position logits, with the semantics of transformers' processors.
 
-Order as in `transformers.generate`: repetition penalty, then temperature, top-k, top-p; then
-argmax (greedy) or a draw from the request's own seeded generator, so a seeded request gives the
-same tokens whoever shares its batch. The reported log-probability is the chosen token's under
-the distribution after penalty and temperature, before top-k/top-p truncation.
+Order (vLLM's for the processors transformers lacks, transformers' for the rest): logit bias and
+the suppression of stop tokens under `min_tokens` (vLLM's logits processors), then the penalties
+(repetition as transformers, OpenAI's presence and frequency penalties over the generated tokens,
+TGI's frequency penalty over all tokens), then temperature, top-k, top-p, min-p, typical-p (the
+order of transformers' warpers); then argmax (greedy) or a draw from the request's own seeded
+generator, so a seeded request gives the same tokens whoever shares its batch. The reported
+log-probability is the chosen token's under the distribution after the processors, penalties
+and temperature, before top-k/top-p/min-p/typical-p truncation.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +30,31 @@ class SamplingParams:
     top_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    # OpenAI's penalties, over the generated tokens: logit -= frequency_penalty * count + presence_penalty * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # TGI's `frequency_penalty`, over prompt and generated tokens: logit -= penalty * count / length
+    relative_frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # added to the logits (OpenAI's logit_bias)
+    min_p: float | None = None  # drop tokens less likely than min_p times the most likely (transformers, vLLM)
+    typical_p: float | None = None  # locally typical sampling (transformers' TypicalLogitsWarper, TGI)
+    # While fewer than `min_tokens` tokens are generated, `suppress_ids` (EOS, stop token ids) cannot be chosen.
+    min_tokens: int = 0
+    suppress_ids: tuple[int, ...] = ()
 
     @property
     def sampling(self) -> bool:
-        """TGI's rule: any warper (temperature, top_k, top_p) switches sampling on."""
-        warped = (self.temperature not in (None, 1.0)) or bool(self.top_k) or (self.top_p not in (None, 1.0))
+        """TGI's rule: any warper (temperature, top_k, top_p, typical_p; min_p too) switches sampling on."""
+        warped = ((self.temperature not in (None, 1.0)) or bool(self.top_k) or (self.top_p not in (None, 1.0))
+                  or (self.typical_p not in (None, 1.0)) or bool(self.min_p))
         return self.do_sample or warped
+
+    @property
+    def processed(self) -> bool:
+        """Whether a processor other than temperature and the top-k/top-p warpers reads the full logits."""
+        return (self.repetition_penalty not in (None, 1.0) or bool(self.presence_penalty)
+                or bool(self.frequency_penalty) or bool(self.relative_frequency_penalty) or bool(self.logit_bias)
+                or bool(self.min_p) or self.typical_p not in (None, 1.0))
 
 
 class Sampler:
@@ -38,12 +62,21 @@ class Sampler:
 
     The generator (and a seed drawn from the OS when none was given) is made on first use: a
     greedy request never draws, and that setup cost every request about 20 us. Seen tokens are
-    kept only when a repetition penalty reads them."""
+    kept only when a repetition penalty reads them, token counts only when a frequency or
+    presence penalty does."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]) -> None:
         self.params = params
         self._penalized = params.repetition_penalty not in (None, 1.0)
+        self._processed = params.processed
         self.seen: set[int] = set(prompt_ids) if self._penalized else set()
+        self.generated = 0
+        # OpenAI's penalties count the generated tokens; TGI's frequency penalty all of them.
+        self._openai_counts = bool(params.presence_penalty or params.frequency_penalty)
+        self._all_counts = bool(params.relative_frequency_penalty)
+        self.counts: Counter[int] = Counter()
+        self.all_counts: Counter[int] = Counter(prompt_ids) if self._all_counts else Counter()
+        self.length = len(prompt_ids)
         self._seed = params.seed
         self._rng: np.random.Generator | None = None
 
@@ -65,7 +98,7 @@ class Sampler:
         that do not (greedy, or top-k sampling with k <= MAX_TOP_K and nothing else) choose from
         the runner's top-N alternatives, computed where the logits are."""
         p = self.params
-        if self._penalized:
+        if self._processed or self.suppressing:
             return True
         if not p.sampling:
             return False
@@ -100,16 +133,28 @@ class Sampler:
         self.record(token)
         return token, float(logprobs[j])
 
+    @property
+    def suppressing(self) -> bool:
+        """Stop tokens are masked: fewer than `min_tokens` have been generated."""
+        return bool(self.params.suppress_ids) and self.generated < self.params.min_tokens
+
     def __call__(self, logits: np.ndarray) -> tuple[int, float]:
         """Choose the next token from one row of logits (V,); returns (id, logprob)."""
-        token, logprob = choose(logits, self.params, self.seen, self.rng if self.params.sampling else None)
+        token, logprob = choose(logits, self.params, self.seen, self.rng if self.params.sampling else None,
+                                self)
         self.record(token)
         return token, logprob
 
     def record(self, token: int) -> None:
         """A token chosen for this request (here or by `from_top`)."""
+        self.generated += 1
+        self.length += 1
         if self._penalized:
             self.seen.add(token)
+        if self._openai_counts:
+            self.counts[token] += 1
+        if self._all_counts:
+            self.all_counts[token] += 1
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: set[int] | list[int], penalty: float) -> np.ndarray:
@@ -183,14 +228,86 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum())
 
 
+def apply_logit_bias(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """OpenAI's logit_bias: each token's bias is added to its logit."""
+    out = logits.copy()
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    out[ids] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+    return out
+
+
+def apply_presence_frequency(logits: np.ndarray, counts: Counter[int], presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties (vLLM's formula): for each generated token j,
+    logit[j] -= frequency * count[j] + presence."""
+    if not counts:
+        return logits
+    out = logits.copy()
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    c = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out[ids] -= np.float32(frequency) * c + np.float32(presence)
+    return out
+
+
+def apply_relative_frequency(logits: np.ndarray, counts: Counter[int], length: int, penalty: float) -> np.ndarray:
+    """TGI's frequency_penalty (its HeterogeneousFrequencyPenaltyLogitsProcessor): every token of
+    the prompt and of the output so far lowers its logit by penalty * count / length."""
+    if not counts or length <= 0:
+        return logits
+    out = logits.copy()
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    c = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out[ids] -= c / np.float32(length) * np.float32(penalty)
+    return out
+
+
+def min_p_mask(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """transformers' MinPLogitsWarper: drop tokens whose probability is below min_p times the
+    most likely token's, i.e. whose logit is below max + log(min_p). The best token always stays."""
+    if min_p <= 0:
+        return logits
+    top = float(logits.max())
+    return np.where(logits.astype(np.float64) - top < np.log(min_p), np.float32(-np.inf), logits).astype(logits.dtype)
+
+
+def typical_mask(logits: np.ndarray, mass: float) -> np.ndarray:
+    """transformers' TypicalLogitsWarper (locally typical sampling, TGI's `typical_p`): rank the
+    tokens by how far their information -log p is from the entropy, and keep the closest ones
+    until their probability reaches `mass`. Needs a sort of the vocabulary."""
+    if mass >= 1.0:
+        return logits
+    x = logits.astype(np.float64)
+    logp = log_softmax(x)
+    p = np.exp(logp)
+    alive = p > 0
+    ent = -np.sum(logp[alive] * p[alive])
+    shifted = np.abs(-logp - ent)
+    order = np.argsort(shifted, kind="stable")
+    cum = np.cumsum(p[order])
+    last = min(int((cum < mass).sum()), order.size - 1)
+    remove = shifted > shifted[order[last]]
+    remove[order[0]] = False  # min_tokens_to_keep = 1
+    return np.where(remove, np.float32(-np.inf), logits).astype(logits.dtype)
+
+
 def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
-           rng: np.random.Generator | None) -> tuple[int, float]:
-    """One token and its log-probability; `rng` is only read when `params.sampling`."""
+           rng: np.random.Generator | None, state: Sampler | None = None) -> tuple[int, float]:
+    """One token and its log-probability; `rng` is only read when `params.sampling`. `state` (the
+    request's Sampler) holds what the penalties and `min_tokens` read: counts, length, tokens made."""
     scores = logits.astype(np.float32, copy=False)
+    if params.logit_bias:
+        scores = apply_logit_bias(scores, params.logit_bias)
+    if state is not None and state.suppressing:
+        scores = scores.copy()
+        scores[list(params.suppress_ids)] = -np.inf
     if params.repetition_penalty not in (None, 1.0):
         scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
         if scores.max() == np.inf:  # the penalty overflowed: those tokens outrank all others, equally
             scores = np.where(scores == np.inf, np.float32(0), np.float32(-np.inf))
+    if state is not None and (params.presence_penalty or params.frequency_penalty):
+        scores = apply_presence_frequency(scores, state.counts, params.presence_penalty, params.frequency_penalty)
+    if state is not None and params.relative_frequency_penalty:
+        scores = apply_relative_frequency(scores, state.all_counts, state.length, params.relative_frequency_penalty)
     if not params.sampling:
         token = int(np.argmax(scores))
         return token, float(log_softmax(scores)[token])
@@ -205,6 +322,10 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
         scores = top_k_mask(scores, params.top_k)
     if params.top_p not in (None, 1.0):
         scores = top_p_mask(scores, params.top_p)
+    if params.min_p:
+        scores = min_p_mask(scores, params.min_p)
+    if params.typical_p not in (None, 1.0):
+        scores = typical_mask(scores, params.typical_p)
     kept = np.flatnonzero(scores > -np.inf)  # after top-k / top-p usually a few tokens, not V
     probs = _softmax(scores[kept])
     # One float64 running sum for both the scale and the search, so the draw can never land

@@ -74,6 +74,8 @@ class Finish:
     seed: int | None
     tokens: list[Token]
     prompt: list[PromptToken] | None = None  # when the request asked for prompt_logprobs
+    stop_reason: int | str | None = None  # the stop sequence or stop token id that ended it (vLLM's); None for EOS
+    stop_text: str = ""  # the end of generated_text that the stop sequence or stop token (EOS too) accounts for
 
 
 @dataclass
@@ -97,6 +99,8 @@ class GenerationRequest:
     stop_at_eos: bool = True
     logprobs: int | None = None  # alternatives per generated token (OpenAI `logprobs`, TGI `top_n_tokens`)
     prompt_logprobs: int | None = None  # score the prompt: each token's logprob and this many alternatives
+    stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end it (vLLM's stop_token_ids)
+    skip_special_tokens: bool = True  # special tokens add no text (vLLM's skip_special_tokens)
 
 
 class _Seq:
@@ -108,7 +112,7 @@ class _Seq:
         self.context_limit = context_limit
         self.prompt: list[PromptToken] | None = None
         self.sampler = Sampler(req.params, req.prompt_ids)
-        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=req.skip_special_tokens)
         self.tokenizer = tokenizer
         self.eos_id = eos_id
         self.emit = emit
@@ -164,10 +168,14 @@ class _Seq:
         delta = self.decoder.push(token_id)
         tok = Token(token_id, self.tokenizer.id_to_token_text(token_id), logprob, special, top or [])
         self.tokens.append(tok)
-        reason = None
+        reason, stop_reason, stop_text = None, None, ""
         self.text += delta
-        if self.req.stop_at_eos and token_id == self.eos_id:
-            reason = "eos_token"
+        if len(self.tokens) < self.req.params.min_tokens:  # vLLM: nothing stops it before min_tokens
+            pass
+        elif self.req.stop_at_eos and token_id == self.eos_id:
+            reason, stop_text = "eos_token", delta
+        elif token_id in self.req.stop_token_ids:
+            reason, stop_reason, stop_text = "eos_token", token_id, delta
         elif self.req.stop:
             window = len(delta) + max(len(s) for s in self.req.stop)
             tail_start = max(0, len(self.text) - window)
@@ -175,7 +183,7 @@ class _Seq:
             if hits:
                 i, s = min(hits)
                 self.text = self.text[: i + len(s)]  # the stop sequence is kept, as TGI does
-                reason = "stop_sequence"
+                reason, stop_reason, stop_text = "stop_sequence", s, s
         if reason is None and (len(self.tokens) >= self.req.max_new_tokens
                                or len(self.req.prompt_ids) + len(self.tokens) >= self.context_limit):
             reason = "length"
@@ -185,7 +193,8 @@ class _Seq:
                 self.text += self.decoder.flush()
             self.finished = True
             seed = self.sampler.seed if self.req.params.sampling else None  # greedy has no seed, as in TGI
-            finish = Finish(reason, self.text, len(self.tokens), seed, list(self.tokens), self.prompt)
+            finish = Finish(reason, self.text, len(self.tokens), seed, list(self.tokens), self.prompt,
+                            stop_reason=stop_reason, stop_text=stop_text)
         first = len(self.tokens) == 1
         self.emit(StreamEvent(len(self.tokens) - 1, tok, finish, delta, self.prompt if first else None))
 

@@ -147,14 +147,18 @@ def test_settings_from_environment(monkeypatch, tmp_path) -> None:
 
 
 def test_openai_cuts_the_stop_sequence_that_ended_the_text() -> None:
-    from app.api.routes.openai import _text_and_reason
     from app.engine.scheduler import Finish
+    from app.protocol.openai import text_and_reason
 
-    # The engine stops at the earliest-starting match: "ab" for stops ["b", "ab"] on "xxab".
-    text, reason = _text_and_reason(Finish("stop_sequence", "xxab", 3, None, []), ["b", "ab"])
-    assert (text, reason) == ("xx", "stop")
-    assert _text_and_reason(Finish("eos_token", "xx", 3, None, []), ["b"]) == ("xx", "stop")
-    assert _text_and_reason(Finish("length", "xxb", 3, None, []), ["b"]) == ("xxb", "length")
+    # The engine records what stopped it: the stop string ("ab" for stops ["b", "ab"] on "xxab",
+    # the earliest-starting match) or a stop token's text; OpenAI cuts it unless asked to keep it.
+    stopped = Finish("stop_sequence", "xxab", 3, None, [], stop_reason="ab", stop_text="ab")
+    assert text_and_reason(stopped, include_stop=False) == ("xx", "stop")
+    assert text_and_reason(stopped, include_stop=True) == ("xxab", "stop")
+    assert text_and_reason(Finish("eos_token", "xx", 3, None, []), False) == ("xx", "stop")
+    assert text_and_reason(Finish("eos_token", "xx<t>", 3, None, [], stop_reason=7, stop_text="<t>"), False) == (
+        "xx", "stop")
+    assert text_and_reason(Finish("length", "xxb", 3, None, []), False) == ("xxb", "length")
 
 
 def test_info_shows_the_served_precision_and_a_one_line_fallback_reason(nan_lm_dir, tmp_path) -> None:

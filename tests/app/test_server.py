@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from app.schemas import StreamResponse
+from app.protocol.tgi import StreamResponse
 from tests.app.conftest import Server, base_env, start_server, stop_server, wait_healthy
 from tests.conftest import make_hf_checkpoint
 
@@ -142,7 +142,11 @@ def test_completions_plain_and_stream(server) -> None:
     chunks = sse(post(server, "/v1/completions", body | {"stream": True}).text)
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert text == r["choices"][0]["text"]
-    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    assert all(c["choices"] and "usage" not in c for c in chunks)  # no usage chunk unless asked for (OpenAI)
+    chunks = sse(post(server, "/v1/completions", body | {"stream": True,
+                                                         "stream_options": {"include_usage": True}}).text)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI: the other chunks carry usage: null
     two = post(server, "/v1/completions", body | {"prompt": ["a", "b"], "max_tokens": 3}).json()
     assert [c["index"] for c in two["choices"]] == [0, 1] and two["usage"]["prompt_tokens"] == 2
     stop = r["choices"][0]["text"][2:5]
@@ -229,8 +233,8 @@ def test_other_routes_validate_too(server) -> None:
     assert r.status_code == 422 and "limit of 64" in r.json()["error"]
     assert post(server, "/classify", {"inputs": "word" + " word" * 70, "truncate": True}).status_code == 200
     # /v1/* answers bad input as OpenAI does: 400 and OpenAI's envelope naming the field.
-    r = post(server, "/v1/completions", {"prompt": "x", "n": 2})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = post(server, "/v1/completions", {"prompt": "x", "n": 2, "best_of": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
     r = post(server, "/v1/completions", {"prompt": "word" + " word" * 70})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: 71 tokens exceed MAX_INPUT_TOKENS")
     r = post(server, "/v1/completions", {"prompt": ["ok", "word" + " word" * 70]})

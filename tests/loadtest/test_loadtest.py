@@ -323,7 +323,8 @@ def test_completions_stream_uses_usage() -> None:
 
     s = mock_run(handler, endpoint="completions", stream=True, requests=2, max_new_tokens=9)
     assert (s["ok"], s["generated_tokens"]) == (2, 18)
-    assert seen[0] == {"prompt": seen[0]["prompt"], "max_tokens": 9, "temperature": 0, "stream": True}
+    assert seen[0] == {"prompt": seen[0]["prompt"], "max_tokens": 9, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}
     no_done = mock_run(lambda _r: httpx.Response(200, text=chunk("a") + usage), endpoint="completions", stream=True,
                        requests=1)
     assert no_done["errors"] == {"incomplete_stream": 1}

@@ -18,17 +18,18 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import ServiceState, StateDep
 from app.core.errors import ClientDisconnectedError, classify_exception, stream_error
 from app.engine.engine import InputError
-from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Finish, GenerationRequest, StreamEvent
-from app.schemas import (
+from app.protocol import mean_logprob
+from app.protocol.tgi import (
+    BestOfSequence,
     Details,
-    ErrorResponse,
-    GenerateParameters,
     GenerateRequest,
     GenerateResponse,
     PrefillToken,
     TokenOut,
+    to_requests,
 )
+from app.schemas import ErrorResponse
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["generation"])
@@ -70,10 +71,6 @@ class SSEResponse(StreamingResponse):
                 await aclose()
 
 
-def sampling_params(p: GenerateParameters) -> SamplingParams:
-    return SamplingParams(p.do_sample, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed)
-
-
 class Tracker:
     """Per-request token timing and counters for metrics and the access log."""
 
@@ -113,32 +110,50 @@ async def run_generation(state: ServiceState, request: Request, req: GenerationR
     raise RuntimeError("generation ended without a finish event")  # pragma: no cover
 
 
-def prepare(state: ServiceState, body: GenerateRequest) -> GenerationRequest:
-    p = body.parameters
-    return state.engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop)
+def prepare(state: ServiceState, body: GenerateRequest, stream: bool = False) -> list[GenerationRequest]:
+    """The engine requests of a TGI request: one, or `best_of` (app.protocol.tgi)."""
+    return to_requests(state.engine, body, state.settings.max_best_of, stream)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
-    """Generate text for `inputs` (TGI's request and response)."""
+    """Generate text for `inputs` (TGI's request and response). With `best_of`, the sequence with
+    the highest mean token log-probability; the others in `details.best_of_sequences` (TGI)."""
     state.acquire()
     try:
-        req = prepare(state, body)
-        finish = await until_disconnect(request, run_generation(state, request, req))
+        reqs = prepare(state, body)
+        finishes = await until_disconnect(request, _gather([run_generation(state, request, r) for r in reqs]))
     finally:
         state.release()
-    text = body.inputs + finish.generated_text if body.parameters.return_full_text else finish.generated_text
-    details = None
-    if body.parameters.details:
-        tok = state.engine.tokenizer
-        details = Details(
-            finish_reason=finish.reason, generated_tokens=finish.generated_tokens, seed=finish.seed,
-            prefill=[PrefillToken(id=i, text=tok.id_to_token_text(i)) for i in req.prompt_ids],
-            tokens=[TokenOut(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in finish.tokens],
-        )
-    if details is None:
-        return GenerateResponse(generated_text=text)  # `details` absent unless asked for, as in TGI
-    return GenerateResponse(generated_text=text, details=details)
+    best = max(range(len(finishes)), key=lambda i: mean_logprob(finishes[i]))  # the first of equals, as TGI
+    finish, req = finishes[best], reqs[best]
+    prefix = body.inputs if body.parameters.return_full_text else ""
+    if not body.parameters.details:
+        return GenerateResponse(generated_text=prefix + finish.generated_text)  # no `details` unless asked (TGI)
+    tok = state.engine.tokenizer
+    prefill = [PrefillToken(id=i, text=tok.id_to_token_text(i)) for i in req.prompt_ids]
+
+    def tokens(f: Finish) -> list[TokenOut]:
+        return [TokenOut(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in f.tokens]
+
+    details = Details(finish_reason=finish.reason, generated_tokens=finish.generated_tokens, seed=finish.seed,
+                      prefill=prefill, tokens=tokens(finish))
+    if len(finishes) > 1:
+        details.best_of_sequences = [
+            BestOfSequence(generated_text=prefix + f.generated_text, finish_reason=f.reason,
+                           generated_tokens=f.generated_tokens, seed=f.seed, prefill=prefill, tokens=tokens(f))
+            for i, f in enumerate(finishes) if i != best]
+    return GenerateResponse(generated_text=prefix + finish.generated_text, details=details)
+
+
+async def _gather(coros: list) -> list[Finish]:
+    """Run the best_of sequences together; if one fails (or we are cancelled), cancel the rest."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -152,7 +167,7 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
         raise InputError("parameters.decoder_input_details", "true is not supported when streaming tokens")
     state.acquire()
     try:
-        req = prepare(state, body)
+        [req] = prepare(state, body, stream=True)
     except BaseException:
         state.release()
         raise

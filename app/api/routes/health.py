@@ -43,14 +43,18 @@ async def info(state: StateDep) -> dict[str, Any]:
         "classification": engine.get("classification"),
         "labels": engine.get("labels", []),
         "context_length": engine.get("context_length"),
-        "limits": {
-            "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
+        "chat_template": state.chat_template.origin if state.chat_template else None,
+        "limits": {  # what is enforced: the settings capped by the model's context
+            **(state.engine.limits() if state.engine else {"max_input_tokens": s.max_input_tokens,
+                                                           "max_total_tokens": s.max_total_tokens}),
+            "max_best_of": s.max_best_of,
             "max_batch_size": s.max_batch_size, "max_batch_total_tokens": s.max_batch_total_tokens,
             "max_concurrent_requests": s.max_concurrent_requests, "max_body_bytes": s.max_body_bytes,
             "max_stop_sequences": 4,
         },
         "settings": {"backend": s.backend, "device": s.device, "precision": s.precision,
-                     "retry_failed_export": s.retry_failed_export,
+                     "retry_failed_export": s.retry_failed_export, "cuda_graphs": s.cuda_graphs,
+                     "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
                      "num_threads": s.num_threads, "auth": bool(s.api_key)},
     }
 

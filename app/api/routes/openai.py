@@ -1,7 +1,8 @@
-"""OpenAI-style `/v1/completions` (with `stream`) and `/v1/models`.
+"""OpenAI-style `/v1/completions`, `/v1/chat/completions` (both with `stream`) and `/v1/models`.
 
 OpenAI's semantics, not TGI's: `temperature` defaults to 1 (sampling; 0 is greedy), the stop
-sequence is cut from the returned text, and `finish_reason` is "stop" or "length".
+sequence is cut from the returned text, and `finish_reason` is "stop" or "length". The request
+models and their mapping to the engine are in `app.protocol.openai`.
 """
 
 from __future__ import annotations
@@ -11,26 +12,35 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
-from app.core.errors import NotFoundError, stream_error
+from app.core.errors import BadRequestError, NotFoundError, stream_error
 from app.engine.engine import InputError
-from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Finish, GenerationRequest
-from app.schemas import (
+from app.protocol import mean_logprob
+from app.protocol.chat_template import ChatTemplateError
+from app.protocol.openai import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
-    OpenAIErrorResponse,
+    SamplingFields,
     Usage,
+    candidates,
+    text_and_reason,
+    to_requests,
 )
+from app.schemas import OpenAIErrorResponse
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -46,77 +56,157 @@ def model_id(state: ServiceState) -> str:
     return s.model_id or s.model_path.name
 
 
-def _stops(body: CompletionRequest) -> list[str]:
-    return [] if body.stop is None else [body.stop] if isinstance(body.stop, str) else list(body.stop)
-
-
-def _params(body: CompletionRequest) -> SamplingParams:
-    if body.temperature == 0:
-        return SamplingParams(do_sample=False, seed=body.seed)
-    return SamplingParams(do_sample=True, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-
-
-def _text_and_reason(finish: Finish, stops: list[str]) -> tuple[str, str]:
-    text = finish.generated_text
-    if finish.reason == "stop_sequence":
-        # The engine cut the text after the earliest-starting match; of the stops that end the
-        # text, that is the longest.
-        for s in sorted(stops, key=len, reverse=True):
-            if text.endswith(s):
-                text = text[: -len(s)]
-                break
-    return text, "length" if finish.reason == "length" else "stop"
+def _check(state: ServiceState, request: Request, body: SamplingFields) -> None:
+    """The model name, and vLLM's rule for fields in neither API: ignored, named in one WARNING line."""
+    if body.model is not None and body.model != model_id(state):
+        raise NotFoundError(f"model: {body.model!r} is not served here; this server serves {model_id(state)!r}",
+                            param="model")
+    ignored = body.ignored_fields()
+    if ignored:
+        logger.warning("request %s: ignored fields that are in neither OpenAI's nor vLLM's API: %s",
+                       getattr(request.state, "request_id", "-"), ", ".join(ignored))
 
 
 @router.get("/models", response_model=ModelList, responses={k: ERRORS[k] for k in (401, 503)})
 async def models(state: StateDep) -> ModelList:
-    """The served generation model."""
-    return ModelList(data=[ModelCard(id=model_id(state), created=int(state.started))])
+    """The served generation model, with `max_model_len` (the prompt + generation limit enforced)."""
+    name = model_id(state)
+    limit = state.engine.limits()["max_total_tokens"] if state.engine else None
+    return ModelList(data=[ModelCard(id=name, created=int(state.started), root=name, max_model_len=limit)])
+
+
+def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
+             fields: list[str]) -> tuple[int, list[list[GenerationRequest]]]:
+    """(n, per prompt its best_of engine requests). `max_tokens` None: what the limits leave (chat)."""
+    n, best_of = candidates(body)
+    groups = []
+    for prompt, field in zip(prompts, fields, strict=True):
+        limit = max_tokens
+        if limit is None:
+            n_prompt = len(prompt) if isinstance(prompt, list) else len(state.engine.tokenizer.encode(prompt))
+            if body.truncate_prompt_tokens and body.truncate_prompt_tokens > 0:
+                n_prompt = min(n_prompt, body.truncate_prompt_tokens)
+            limit = max(1, (state.engine.limits()["max_total_tokens"] or n_prompt + 1) - n_prompt)
+        groups.append(to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of))
+    return n, groups
+
+
+async def _finish_all(state: ServiceState, request: Request, groups: list[list[GenerationRequest]],
+                      n: int) -> list[Finish]:
+    """Run every candidate together; per prompt, the n choices (with best_of > n, the n with the
+    highest mean token log-probability, best first)."""
+    flat = [r for g in groups for r in g]
+    finishes = await until_disconnect(request, _all_or_none([run_generation(state, request, r) for r in flat]))
+    out, k = [], 0
+    for g in groups:
+        mine = finishes[k:k + len(g)]
+        k += len(g)
+        out += mine if len(mine) == n else sorted(mine, key=mean_logprob, reverse=True)[:n]
+    return out
+
+
+def _usage(groups: list[list[GenerationRequest]], finishes: list[Finish]) -> Usage:
+    prompt_tokens = sum(len(g[0].prompt_ids) for g in groups)
+    completion_tokens = sum(f.generated_tokens for f in finishes)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Any:
-    """Text completion for one prompt or a list (one choice each)."""
-    if body.model is not None and body.model != model_id(state):
-        raise NotFoundError(f"model: {body.model!r} is not served here; this server serves {model_id(state)!r}",
-                            param="model")
+    """Text completion for one prompt or several (strings or token ids): n choices each."""
+    _check(state, request, body)
     state.acquire()
     try:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        stops = _stops(body)
-        reqs = []
-        for i, p in enumerate(prompts):
-            try:
-                reqs.append(state.engine.prepare(p, body.max_tokens, _params(body), stops))
-            except InputError as e:  # name the field as this API spells it
-                field = {"inputs": "prompt" if len(prompts) == 1 else f"prompt[{i}]",
-                         "max_new_tokens": "max_tokens"}.get(e.field, e.field)
-                message = str(e).split(": ", 1)[1].replace("inputs (", "prompt (")
-                message = message.replace("max_new_tokens", "max_tokens")
-                raise InputError(field, message) from e
+        prompts = body.prompts
+        fields = ["prompt" if len(prompts) == 1 else f"prompt[{i}]" for i in range(len(prompts))]
+        n, groups = _prepare(state, body, prompts, body.max_tokens or 16, fields)
     except BaseException:
         state.release()
         raise
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    include_stop = bool(body.include_stop_str_in_output)
     if body.stream:
-        return SSEResponse(_stream(state, request, reqs, stops, cid, created), headers={"Cache-Control": "no-cache"})
+        def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool) -> dict:
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+
+        return SSEResponse(_stream(state, request, body, groups, cid, created, "text_completion", choice),
+                           headers={"Cache-Control": "no-cache"})
     try:
-        finishes = await until_disconnect(request, _all_or_none([run_generation(state, request, r) for r in reqs]))
+        finishes = await _finish_all(state, request, groups, n)
     finally:
         state.release()
     choices = []
     for i, f in enumerate(finishes):
-        text, reason = _text_and_reason(f, stops)
-        choices.append(CompletionChoice(text=text, index=i, finish_reason=reason))
-    prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
-    completion_tokens = sum(f.generated_tokens for f in finishes)
+        text, reason = text_and_reason(f, include_stop)
+        choices.append(CompletionChoice(text=text, index=i, finish_reason=reason, stop_reason=f.stop_reason))
     return CompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
-                              usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                          total_tokens=prompt_tokens + completion_tokens))
+                              usage=_usage(groups, finishes))
+
+
+def _chat_prompt(state: ServiceState, body: ChatCompletionRequest) -> tuple[str, str]:
+    """(prompt text, echo prefix) of a chat request, rendered with the chat template."""
+    template = state.chat_template
+    if template is None:
+        raise BadRequestError("this model has no chat template: set CHAT_TEMPLATE to a Jinja chat template file "
+                              "(the checkpoint has no chat_template), as vLLM's --chat-template; see the README")
+    if body.tools and body.tool_choice not in ("none",):
+        raise InputError("tools", 'tool calls are not supported: send tool_choice "none" to have the template '
+                                  'render the tools, or leave tools out')
+    if body.tool_choice not in (None, "none", "auto"):
+        raise InputError("tool_choice", 'only "none" or "auto" (no tool calls are made)')
+    messages = [m.for_template(f"messages[{i}]") for i, m in enumerate(body.messages)]
+    if body.continue_final_message and body.add_generation_prompt:
+        raise InputError("continue_final_message", "cannot be used with add_generation_prompt (send "
+                                                   "add_generation_prompt: false)")
+    try:
+        text = template.render(messages, add_generation_prompt=body.add_generation_prompt is not False,
+                               continue_final_message=bool(body.continue_final_message), tools=body.tools,
+                               documents=body.documents, kwargs=body.chat_template_kwargs)
+    except ChatTemplateError as e:
+        raise InputError("messages", f"the chat template refused the messages: {e}") from e
+    last = messages[-1]
+    echo = last["content"] if body.echo and last["role"] == "assistant" and isinstance(last["content"], str) else ""
+    return text, echo
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
+    """Chat: the messages rendered with the model's chat template (CHAT_TEMPLATE or the checkpoint's)."""
+    _check(state, request, body)
+    state.acquire()
+    try:
+        text, echo = _chat_prompt(state, body)
+        ids = state.engine.tokenizer.encode(text)  # rendered text holds its special tokens (no BOS added)
+        n, groups = _prepare(state, body, [ids], body.completion_limit, ["messages"])
+    except BaseException:
+        state.release()
+        raise
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool) -> dict:
+            delta: dict[str, Any] = {"role": "assistant", "content": echo + text} if first else {"content": text}
+            if reason is not None and not text and not first:
+                delta = {}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+
+        return SSEResponse(_stream(state, request, body, groups, cid, created, "chat.completion.chunk", choice),
+                           headers={"Cache-Control": "no-cache"})
+    try:
+        finishes = await _finish_all(state, request, groups, n)
+    finally:
+        state.release()
+    choices = []
+    for i, f in enumerate(finishes):
+        content, reason = text_and_reason(f, bool(body.include_stop_str_in_output))
+        choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=echo + content), finish_reason=reason,
+                                  stop_reason=f.stop_reason))
+    return ChatCompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
+                                  usage=_usage(groups, finishes))
 
 
 async def _all_or_none(coros: list) -> list[Finish]:
-    """Run the prompts together; if one fails (or we are cancelled), cancel the rest."""
+    """Run the requests together; if one fails (or we are cancelled), cancel the rest."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return list(await asyncio.gather(*tasks))
@@ -125,16 +215,25 @@ async def _all_or_none(coros: list) -> list[Finish]:
             t.cancel()
 
 
-async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRequest], stops: list[str], cid: str,
-                  created: int) -> AsyncIterator[str]:
-    """Chunks of every prompt's choice as they come, then one usage chunk and `[DONE]`.
+ChoiceFn = Callable[[int, str, str | None, Any, bool], dict]
+
+
+async def _stream(state: ServiceState, request: Request, body: SamplingFields, groups: list[list[GenerationRequest]],
+                  cid: str, created: int, obj: str, choice: ChoiceFn) -> AsyncIterator[str]:
+    """Chunks of every choice as they come; with `stream_options.include_usage` a usage chunk
+    (empty `choices`) before `[DONE]`, and with `continuous_usage_stats` the usage so far in each
+    chunk (vLLM). Only n == best_of streams, so every engine request is one choice.
 
     Text that could still be the start of a stop sequence is held back (the stop is cut from
     the output); partial UTF-8 characters never arrive (the engine decodes incrementally).
     """
+    reqs = [r for g in groups for r in g]
+    prompt_lens = [len(g[0].prompt_ids) for g in groups for _ in g]
     queue: asyncio.Queue = asyncio.Queue()
     name = model_id(state)
-    hold = max((len(s) for s in stops), default=1) - 1
+    include_stop = bool(body.include_stop_str_in_output)
+    hold = 0 if include_stop else max((len(s) for s in body.stops), default=1) - 1
+    include_usage, continuous = body.include_usage, body.continuous_usage
 
     async def pump(i: int, req: GenerationRequest) -> None:
         tracker = Tracker(state, request, req)
@@ -145,29 +244,39 @@ async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRe
         except Exception as e:
             await queue.put((i, e))
 
-    def chunk(i: int, text: str, reason: str | None, usage: dict | None = None) -> str:
-        choices = [] if usage else [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}]
-        body = {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": choices}
-        if usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+    made = [0] * len(reqs)
+    started = [False] * len(reqs)
+
+    def chunk(i: int, text: str, reason: str | None, stop_reason: Any = None) -> str:
+        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": name,
+                               "choices": [choice(i, text, reason, stop_reason, not started[i])]}
+        started[i] = True
+        if include_usage:
+            out["usage"] = None
+            if continuous:
+                out["usage"] = {"prompt_tokens": prompt_lens[i], "completion_tokens": made[i],
+                                "total_tokens": prompt_lens[i] + made[i]}
+        return f"data: {json.dumps(out)}\n\n"
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
     texts = [""] * len(reqs)
     sent = [0] * len(reqs)
-    done, completion_tokens = 0, 0
+    done = 0
     try:
+        if obj == "chat.completion.chunk":  # the role first, as OpenAI and vLLM send it
+            for i in range(len(reqs)):
+                yield chunk(i, "", None)
         while done < len(reqs):
             i, ev = await queue.get()
             if isinstance(ev, Exception):
                 yield f"data: {json.dumps(stream_error(request.url.path, ev))}\n\n"
                 done += 1
                 continue
+            made[i] = ev.index + 1
             if ev.finish is not None:
-                text, reason = _text_and_reason(ev.finish, stops)
-                completion_tokens += ev.finish.generated_tokens
+                text, reason = text_and_reason(ev.finish, include_stop)
                 done += 1
-                yield chunk(i, text[sent[i]:], reason)
+                yield chunk(i, text[sent[i]:], reason, ev.finish.stop_reason)
                 continue
             # The engine's incremental decoder already holds back partial UTF-8 characters.
             texts[i] += ev.delta
@@ -175,9 +284,12 @@ async def _stream(state: ServiceState, request: Request, reqs: list[GenerationRe
             if safe > sent[i]:
                 yield chunk(i, texts[i][sent[i]:safe], None)
                 sent[i] = safe
-        prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
-        yield chunk(0, "", None, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens})
+        if include_usage:
+            prompt_tokens = sum(len(g[0].prompt_ids) for g in groups)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(made),
+                     "total_tokens": prompt_tokens + sum(made)}
+            body_ = {"id": cid, "object": obj, "created": created, "model": name, "choices": [], "usage": usage}
+            yield f"data: {json.dumps(body_)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:

@@ -518,3 +518,40 @@ def test_a_batch_size_that_cannot_be_warmed_up_names_the_setting(tiny_lm_dir, on
             eng.start()
     finally:
         eng.stop()
+
+
+def test_limits_are_the_settings_capped_by_the_context(tiny_lm_dir, onnx_cache) -> None:
+    """/info and /v1/models show these: the demo (context 256) under MAX_INPUT_TOKENS=512 and
+    MAX_TOTAL_TOKENS=1024 enforces 256 for both, and says so."""
+    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=2,
+                      max_input_tokens=500, max_total_tokens=1000)
+    try:
+        assert eng.limits() == {"max_input_tokens": 128, "max_total_tokens": 128}
+        with pytest.raises(InputError, match="exceed the model's context of 128"):
+            eng.prepare("word" * 130, 1)
+        eng.max_input_tokens, eng.max_total_tokens = 40, 100
+        assert eng.limits() == {"max_input_tokens": 40, "max_total_tokens": 100}
+        req = eng.prepare("word" + " word" * 70, 5, truncate=30)  # TGI's truncate: the last 30 tokens
+        assert len(req.prompt_ids) == 30 and req.prompt_ids == eng.tokenizer.encode("word" + " word" * 70)[-30:]
+    finally:
+        eng.stop()
+
+
+def test_stop_token_ids_min_tokens_and_special_tokens(engine, hf_lm) -> None:
+    ids = engine.tokenizer.encode("The weather today is")
+    plain = hf_greedy(hf_lm, ids, 8)
+    k = next(i for i in range(1, 8) if plain[i] not in plain[:i])
+    req = engine.prepare(ids, 8, SamplingParams())
+    req.stop_token_ids = [plain[k]]
+    f = run(engine.generate(req))
+    assert [t.id for t in f.tokens] == plain[:k + 1] and f.reason == "eos_token" and f.stop_reason == plain[k]
+    assert f.generated_text.endswith(f.stop_text)
+    # min_tokens: the stop token can end it only after min_tokens tokens (vLLM); suppressed before
+    req = engine.prepare(ids, 8, SamplingParams(min_tokens=k + 2, suppress_ids=(plain[k],)))
+    req.stop_token_ids = [plain[k]]
+    assert plain[k] not in [t.id for t in run(engine.generate(req)).tokens][:k + 2]
+    # EOS forced by a bias; kept as text only without skip_special_tokens
+    req = engine.prepare(ids, 3, SamplingParams(logit_bias={50256: 100.0}))
+    req.stop_at_eos, req.skip_special_tokens = False, False
+    f = run(engine.generate(req))
+    assert f.generated_text == "<|endoftext|>" * 3 and f.reason == "length"

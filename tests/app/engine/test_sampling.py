@@ -6,19 +6,28 @@ import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 from app.engine.sampling import (
     Sampler,
     SamplingParams,
+    apply_logit_bias,
+    apply_presence_frequency,
+    apply_relative_frequency,
     apply_repetition_penalty,
     choose,
+    min_p_mask,
     top_k_mask,
     top_p_mask,
+    typical_mask,
 )
 
 V = 50257
@@ -237,3 +246,118 @@ def test_a_sampler_draws_its_seed_once_and_only_when_asked() -> None:
     logits = np.random.default_rng(3).normal(0, 1, size=V).astype(np.float32)
     a = [Sampler(SamplingParams(do_sample=True, seed=11), [1])(logits)[0] for _ in range(2)]
     assert a[0] == a[1]  # the lazily made generator is still seeded by the request's seed
+
+
+# ---- the processors of issue 19 -------------------------------------------------------------------
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x[None].copy())
+
+
+@pytest.mark.parametrize("min_p", [0.001, 0.05, 0.3, 0.9])
+def test_min_p_matches_transformers(logits, min_p) -> None:
+    ref = MinPLogitsWarper(min_p)(None, _t(logits))[0].numpy()
+    ours = min_p_mask(logits, min_p)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref)) and 0 < np.isfinite(ours).sum() < V
+    np.testing.assert_array_equal(ours[np.isfinite(ours)], logits[np.isfinite(ours)])
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 3.0, 12.0])
+@pytest.mark.parametrize("mass", [0.2, 0.5, 0.95])
+def test_typical_p_matches_transformers(scale, mass) -> None:
+    """Against transformers' warper run in float64 (ours computes in float64): in float32 the two
+    differ only by rounding at the mass boundary (one token in or out, seen on flat distributions)."""
+    z = np.random.default_rng(4).normal(0, scale, size=V).astype(np.float32)
+    ref = TypicalLogitsWarper(mass)(None, _t(z.astype(np.float64)))[0].numpy()
+    ours = typical_mask(z, mass)
+    assert np.array_equal(np.isinf(ours), np.isinf(ref)), (np.isfinite(ours).sum(), np.isfinite(ref).sum())
+
+
+def test_typical_p_after_top_k_matches_transformers(logits) -> None:
+    t = _t(logits)
+    for proc in (TopKLogitsWarper(100), TypicalLogitsWarper(0.9)):
+        t = proc(None, t.double())
+    assert np.array_equal(np.isinf(typical_mask(top_k_mask(logits, 100), 0.9)), np.isinf(t[0].numpy()))
+
+
+def test_logit_bias_matches_transformers_sequence_bias(logits) -> None:
+    bias = {5: 3.5, 50256: -100.0, 17: 0.25}
+    ref = SequenceBiasLogitsProcessor({(k,): v for k, v in bias.items()})(torch.tensor([[1, 2]]), _t(logits))
+    np.testing.assert_allclose(apply_logit_bias(logits, bias), ref[0].numpy(), rtol=1e-6)
+    # -100 bans, +100 forces (OpenAI's description)
+    assert choose(logits, SamplingParams(logit_bias={int(logits.argmax()): -100.0}), set(), None)[0] != logits.argmax()
+    assert choose(logits, SamplingParams(do_sample=True, logit_bias={123: 100.0}), set(),
+                  np.random.default_rng(0))[0] == 123
+
+
+def test_presence_and_frequency_penalties_are_openais_formula(logits) -> None:
+    """vLLM's _apply_penalties: logits -= frequency * output counts + presence * (count > 0)."""
+    generated = [5, 5, 5, 9, 300, 9]
+    counts = torch.zeros(V).scatter_add_(0, torch.tensor(generated), torch.ones(len(generated)))
+    ref = torch.from_numpy(logits.copy()) - 0.4 * counts - 1.5 * (counts > 0).float()
+    s = Sampler(SamplingParams(presence_penalty=1.5, frequency_penalty=0.4), prompt_ids=[7, 7, 8])
+    for t in generated:
+        s.record(t)
+    ours = apply_presence_frequency(logits, s.counts, 1.5, 0.4)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
+    assert ours[7] == logits[7]  # the prompt's tokens are not penalized (OpenAI: "the text so far" generated)
+
+
+def test_tgi_frequency_penalty_is_tgis_heterogeneous_processor(logits) -> None:
+    """TGI (server/.../logits_process.py, HeterogeneousFrequencyPenaltyLogitsProcessor): the
+    frequency of each token in the prompt and output so far, times the penalty, off the logits."""
+    prompt, generated = [7, 7, 8], [5, 5, 7]
+    ids = torch.tensor([prompt + generated])
+    freq = torch.zeros(1, V).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float)) / ids.shape[1]
+    ref = _t(logits) - freq * 0.8
+    s = Sampler(SamplingParams(relative_frequency_penalty=0.8), prompt)
+    for t in generated:
+        s.record(t)
+    np.testing.assert_allclose(apply_relative_frequency(logits, s.all_counts, s.length, 0.8), ref[0].numpy(),
+                               rtol=1e-6)
+
+
+def test_min_tokens_suppresses_stop_tokens_as_transformers_min_new_tokens(logits) -> None:
+    eos = int(logits.argmax())
+    params = SamplingParams(min_tokens=2, suppress_ids=(eos, 11))
+    s = Sampler(params, [1, 2, 3])
+    proc = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=3, min_new_tokens=2, eos_token_id=[eos, 11])
+    ids = [1, 2, 3]
+    for _ in range(4):
+        ref = int(proc(torch.tensor([ids]), _t(logits))[0].argmax())
+        assert s.needs_logits == (len(ids) - 3 < 2)  # the top-N path again once min_tokens is reached
+        token, _ = s(logits)
+        assert token == ref
+        ids.append(token)
+    assert ids[3] != eos and ids[4] != eos and ids[5] == eos
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(presence_penalty=0.5), SamplingParams(frequency_penalty=-0.5),
+    SamplingParams(relative_frequency_penalty=1.0), SamplingParams(logit_bias={1: 1.0}),
+    SamplingParams(do_sample=True, min_p=0.1), SamplingParams(typical_p=0.9), SamplingParams(repetition_penalty=1.2),
+    SamplingParams(do_sample=True, top_k=5, presence_penalty=0.5),
+])
+def test_rows_with_a_processor_need_the_full_logits(params) -> None:
+    """The scheduler gives rows with needs_logits == False only the top-N alternatives."""
+    s = Sampler(params, [1, 2])
+    assert s.needs_logits
+
+
+def test_rows_without_a_processor_keep_the_fast_paths() -> None:
+    assert not Sampler(SamplingParams(), [1]).needs_logits
+    assert not Sampler(SamplingParams(do_sample=True, top_k=10), [1]).needs_logits
+    assert SamplingParams(typical_p=0.5).sampling and SamplingParams(min_p=0.1).sampling  # warpers, as in TGI
+    assert not Sampler(SamplingParams(min_tokens=3), [1]).needs_logits  # nothing to suppress
+
+
+def test_penalties_change_the_choice_and_keep_the_logprob_finite(logits) -> None:
+    best = int(logits.argmax())
+    s = Sampler(SamplingParams(presence_penalty=2.0, frequency_penalty=2.0), [])
+    s.record(best)
+    s.record(best)
+    token, lp = s(logits)
+    penalized = logits.copy()
+    penalized[best] -= 6.0
+    assert token == int(penalized.argmax()) and np.isfinite(lp)
+    assert lp == pytest.approx(float(torch.log_softmax(torch.from_numpy(penalized), -1)[token]), abs=1e-5)
