@@ -79,6 +79,11 @@ class Sampler:
         self.length = len(prompt_ids)
         self._seed = params.seed
         self._rng: np.random.Generator | None = None
+        # When the host chooses from the logits: how many alternatives the request reports per token
+        # (its `logprobs`), and after each choice the best of the distribution the token's log-probability
+        # comes from (after penalties and temperature), so that both come from the same distribution.
+        self.report_top = 0
+        self.top: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def seed(self) -> int:
@@ -290,6 +295,20 @@ def typical_mask(logits: np.ndarray, mass: float) -> np.ndarray:
     return np.where(remove, np.float32(-np.inf), logits).astype(logits.dtype)
 
 
+def top_of(logprobs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n best (ids, log-probabilities), best first; equal values in id order (as ONNX's TopK)."""
+    n = min(n, logprobs.size)
+    part = np.argpartition(-logprobs, n - 1)[:n]
+    order = np.lexsort((part, -logprobs[part]))
+    ids = part[order]
+    return ids.astype(np.int64), logprobs[ids]
+
+
+def _report_top(state: Sampler | None, logprobs: np.ndarray) -> None:
+    if state is not None and state.report_top:
+        state.top = top_of(logprobs, state.report_top)
+
+
 def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
            rng: np.random.Generator | None, state: Sampler | None = None) -> tuple[int, float]:
     """One token and its log-probability; `rng` is only read when `params.sampling`. `state` (the
@@ -310,7 +329,9 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
         scores = apply_relative_frequency(scores, state.all_counts, state.length, params.relative_frequency_penalty)
     if not params.sampling:
         token = int(np.argmax(scores))
-        return token, float(log_softmax(scores)[token])
+        logprobs = log_softmax(scores)
+        _report_top(state, logprobs)
+        return token, float(logprobs[token])
     if params.temperature not in (None, 1.0):
         # Shift first (softmax is shift-invariant) and divide in float64: a tiny temperature then
         # sends the others to -inf instead of overflowing the best to +inf (and 0 / 0 to NaN).
@@ -318,6 +339,7 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
         with np.errstate(over="ignore"):  # overflowing to -inf is the intended result
             scores = (shifted / params.temperature).astype(np.float32)
     logprobs = log_softmax(scores)
+    _report_top(state, logprobs)
     if params.top_k:
         scores = top_k_mask(scores, params.top_k)
     if params.top_p not in (None, 1.0):

@@ -112,6 +112,7 @@ class _Seq:
         self.context_limit = context_limit
         self.prompt: list[PromptToken] | None = None
         self.sampler = Sampler(req.params, req.prompt_ids)
+        self.sampler.report_top = req.logprobs or 0
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=req.skip_special_tokens)
         self.tokenizer = tokenizer
         self.eos_id = eos_id
@@ -139,6 +140,8 @@ class _Seq:
         ids, lps = sel.top_ids[row], sel.top_logprobs[row]
         if self.sampler.needs_logits:
             token_id, logprob = self.sampler(sel.logits[row])
+            if self.sampler.top is not None:  # the alternatives of the distribution the host chose from
+                ids, lps = self.sampler.top
         else:
             token_id, logprob = self.sampler.from_top(ids, lps)
         self.accept(token_id, logprob, self.top_tokens(ids, lps, self.req.logprobs or 0))

@@ -26,6 +26,7 @@ from app.engine.sampling import (
     choose,
     min_p_mask,
     top_k_mask,
+    top_of,
     top_p_mask,
     typical_mask,
 )
@@ -198,6 +199,36 @@ def test_which_rows_need_the_full_logits() -> None:
     ]
     for params, want in cases:
         assert Sampler(params, [1, 2]).needs_logits is want, params
+
+
+def test_host_choice_reports_the_alternatives_of_its_own_distribution(logits) -> None:
+    """When the host chooses from the logits (penalties, pure temperature), the alternatives a
+    request reports (`Sampler.top`) come from the distribution the token's log-probability comes
+    from: after the penalty and the temperature, as transformers' processors give it."""
+    rep = SamplingParams(repetition_penalty=1.8)
+    s = Sampler(rep, [int(logits.argmax())])
+    s.report_top = 4
+    token, lp = s(logits)
+    want = torch.log_softmax(RepetitionPenaltyLogitsProcessor(1.8)(
+        torch.tensor([[int(logits.argmax())]]), torch.from_numpy(logits)[None].clone())[0].double(), -1)
+    ids, lps = s.top
+    assert ids.tolist() == want.topk(4).indices.tolist() and token == ids[0] and lp == lps[0]
+    assert np.allclose(lps, want.topk(4).values.numpy(), atol=1e-5)
+    hot = Sampler(SamplingParams(do_sample=True, temperature=0.6, seed=1), [])
+    hot.report_top = 3
+    token, lp = hot(logits)
+    want = torch.log_softmax(torch.from_numpy(logits).double() / 0.6, -1)
+    assert np.allclose(hot.top[1], want.topk(3).values.numpy(), atol=1e-5) and abs(lp - want[token].item()) < 1e-5
+    plain = Sampler(rep, [])
+    plain(logits)
+    assert plain.top is None  # nothing kept unless the request reports alternatives
+
+
+def test_top_of_orders_equal_values_by_id() -> None:
+    lps = np.array([-3.0, -1.0, -2.0, -1.0, -5.0, -1.0], np.float32)
+    ids, vals = top_of(lps, 4)
+    assert ids.tolist() == [1, 3, 5, 2] and vals.tolist() == [-1.0, -1.0, -1.0, -2.0]
+    assert top_of(lps, 10)[0].tolist() == [1, 3, 5, 2, 0, 4]
 
 
 def test_greedy_from_the_top_is_the_first(logits) -> None:
