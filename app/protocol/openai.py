@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from app.engine.engine import Engine, InputError
 from app.engine.sampling import SamplingParams
-from app.engine.scheduler import Finish, GenerationRequest
+from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest
+from app.protocol.logprobs import ChatLogprobs, CompletionLogprobs
 from app.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 
 MAX_PROMPTS = 16  # prompts in one completions request
@@ -158,9 +159,11 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, description="candidates per prompt, >= n; the n with the highest mean "
                                                         "token log-probability are returned. Not with streaming "
                                                         "unless equal to n")
-    echo: bool | None = Field(False, description="not supported yet: only false")
-    logprobs: int | None = Field(None, description="not supported yet: only null")
-    max_tokens: int | None = Field(16, ge=1)
+    echo: bool | None = Field(False, description="return the prompt before the completion (with `logprobs`: the "
+                                                "prompt's log-probabilities too)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the log-probability of each token and of "
+                                                                         "this many most likely alternatives")
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     suffix: str | None = Field(None, description="not supported: only null (as vLLM)")
     add_special_tokens: bool | None = Field(True, description="accepted; GPT-2's tokenizer adds no special tokens")
     response_format: dict | None = Field(None, description="only null or {\"type\": \"text\"}")
@@ -176,15 +179,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
-    @field_validator("echo")
+    @field_validator("max_tokens")
     @classmethod
-    def _echo(cls, v: bool | None) -> bool | None:
-        return _off(v, (False,), "echo", "not supported by this server yet")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        return _off(v, (), "logprobs", "not supported by this server yet")
+    def _max_tokens(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("0 is only allowed with echo: true (score the prompt without generating)")
+        return v
 
     @field_validator("suffix")
     @classmethod
@@ -211,7 +211,7 @@ class Usage(BaseModel):
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["length", "stop"] | None
     stop_reason: int | str | None = Field(None, description="vLLM: the stop string or stop token id that ended it")
 
@@ -279,9 +279,11 @@ def candidates(body: SamplingFields) -> tuple[int, int]:
 
 
 def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[int], max_tokens: int, best_of: int,
-                field: str, max_best_of: int) -> list[GenerationRequest]:
+                field: str, max_best_of: int, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> list[GenerationRequest]:
     """The `best_of` engine requests of one prompt, candidate j seeded with seed + j (as vLLM). `field`
-    names the prompt in errors (`prompt`, `prompt[2]`, `messages`)."""
+    names the prompt in errors (`prompt`, `prompt[2]`, `messages`). `logprobs`: alternatives per
+    generated token; `prompt_logprobs`: score the prompt (each candidate scores it)."""
     if best_of > max_best_of:
         raise InputError("best_of" if getattr(body, "best_of", None) else "n",
                          f"at most {max_best_of} completions per prompt (MAX_BEST_OF)")
@@ -296,9 +298,9 @@ def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[int], m
     seeds = [None if body.seed is None else body.seed + j for j in range(best_of)]
     try:
         first = engine.prepare(prompt, max_tokens, sampling_params(body, engine, seeds[0]), body.stops,
-                               truncate=truncate)
+                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, truncate=truncate)
     except InputError as e:  # name the field as this API spells it
-        name = {"inputs": field, "max_new_tokens": "max_tokens"}.get(e.field, e.field)
+        name = {"inputs": field, "max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}.get(e.field, e.field)
         message = str(e).split(": ", 1)[1].replace("inputs (", "prompt (").replace("max_new_tokens", "max_tokens")
         raise InputError(name, message) from e
     first.stop_token_ids = list(body.stop_token_ids or [])
@@ -367,8 +369,9 @@ CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 class ChatCompletionRequest(SamplingFields):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool | None = Field(False, description="not supported yet: only false")
-    top_logprobs: int | None = Field(None, description="not supported yet: only null or 0")
+    logprobs: bool | None = Field(False, description="the log-probability of each generated token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="with logprobs: this many most likely "
+                                                                            "alternatives per token")
     max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="default: what the limits leave")
     tools: list[dict] | None = Field(None, description="only with tool_choice \"none\" (rendered by the template; "
@@ -408,15 +411,12 @@ class ChatCompletionRequest(SamplingFields):
     def _chat_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         return _off(v, CHAT_UNSUPPORTED[info.field_name], info.field_name)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: bool | None) -> bool | None:
-        return _off(v, (False,), "logprobs", "not supported by this server yet")
-
     @field_validator("top_logprobs")
     @classmethod
-    def _top_logprobs(cls, v: int | None) -> int | None:
-        return _off(v, (0,), "top_logprobs", "not supported by this server yet")
+    def _top_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return v
 
     @field_validator("chat_template")
     @classmethod
@@ -438,7 +438,7 @@ class ChatResponseMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["length", "stop"] | None
     stop_reason: int | str | None = None
 

@@ -15,16 +15,13 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from app.engine.engine import Engine, InputError
 from app.engine.sampling import SamplingParams
-from app.engine.scheduler import GenerationRequest
+from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, TopToken
 from app.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, _Request
 
 # TGI parameters this server does not implement, with the value that means "off". The official
 # `text-generation` client sends every one of them on every request, so they are accepted at that
 # value; any other value is a 422 naming the parameter, never silently ignored.
-UNSUPPORTED_TGI_PARAMETERS: dict[str, Any] = {
-    "watermark": False, "top_n_tokens": None, "grammar": None, "adapter_id": None,
-}
-_OFF_TOO: dict[str, Any] = {"top_n_tokens": 0}  # TGI reads 0 as "off" as well
+UNSUPPORTED_TGI_PARAMETERS: dict[str, Any] = {"watermark": False, "grammar": None, "adapter_id": None}
 
 
 class GenerateParameters(_Request):
@@ -48,11 +45,14 @@ class GenerateParameters(_Request):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     return_full_text: bool = False
     details: bool = False
-    decoder_input_details: bool = Field(False, description="prompt tokens in `details.prefill` (ids and text; "
-                                                           "no logprobs). Not with streaming")
+    decoder_input_details: bool = Field(False, description="with details: the prompt's tokens in `details.prefill` "
+                                                           "with their log-probabilities (the first null). Not with "
+                                                           "streaming")
+    top_n_tokens: int | None = Field(None, ge=0, description=f"the most likely alternatives of each generated token "
+                                                             f"(0 to {MAX_LOGPROBS}; 0 or null: none), in "
+                                                             f"`details.top_tokens` and each event's `top_tokens`")
     # Accepted only at their "off" value (see UNSUPPORTED_TGI_PARAMETERS).
     watermark: bool = Field(False, description="not supported: only false")
-    top_n_tokens: int | None = Field(None, description="not supported yet: only null or 0")
     grammar: dict | None = Field(None, description="not supported: only null")
     adapter_id: str | None = Field(None, description="not supported: only null")
 
@@ -60,7 +60,7 @@ class GenerateParameters(_Request):
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         off = UNSUPPORTED_TGI_PARAMETERS[info.field_name]
-        if v is not None and v != off and v != _OFF_TOO.get(info.field_name, off):
+        if v is not None and v != off:
             raise ValueError(f"the TGI parameter {info.field_name} is not supported by this server "
                              f"(send null{' or ' + json.dumps(off) if off is not None else ''} or leave it out)")
         return v
@@ -92,6 +92,7 @@ class GenerateRequest(_Request):
 class PrefillToken(BaseModel):
     id: int
     text: str
+    logprob: float | None = Field(None, description="log p(token | the tokens before it); null for the first")
 
 
 class TokenOut(BaseModel):
@@ -111,6 +112,7 @@ class BestOfSequence(BaseModel):
     seed: int | None
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[TokenOut] = Field(default_factory=list)
+    top_tokens: list[list[TokenOut]] | None = Field(None, description="with top_n_tokens")
 
 
 class Details(BaseModel):
@@ -120,6 +122,8 @@ class Details(BaseModel):
     prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[TokenOut] = Field(default_factory=list)
     best_of_sequences: list[BestOfSequence] | None = Field(None, description="the other sequences, with best_of")
+    top_tokens: list[list[TokenOut]] | None = Field(None, description="with top_n_tokens: per generated token its "
+                                                                      "most likely alternatives, best first")
 
 
 class GenerateResponse(BaseModel):
@@ -136,6 +140,8 @@ class StreamDetails(BaseModel):
 class StreamResponse(BaseModel):
     index: int
     token: TokenOut
+    top_tokens: list[TokenOut] | None = Field(None, description="with top_n_tokens: this token's most likely "
+                                                                "alternatives")
     generated_text: str | None = None
     details: StreamDetails | None = None
 
@@ -164,5 +170,21 @@ def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream:
     if p.truncate is not None and limit is not None and p.truncate > limit:
         raise InputError("parameters.truncate", f"`truncate` must be strictly positive and at most the input limit "
                                                 f"{limit}. Given: {p.truncate}")
-    req = engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop, truncate=p.truncate)
-    return [req] + [dataclasses.replace(req, params=dataclasses.replace(req.params)) for _ in range(best_of - 1)]
+    if p.top_n_tokens is not None and p.top_n_tokens > MAX_LOGPROBS:
+        raise InputError("parameters.top_n_tokens", f"`top_n_tokens` must be >= 0 and <= {MAX_LOGPROBS}. "
+                                                    f"Given: {p.top_n_tokens}")
+    # The prompt is scored only when its scores are returned (details), and by one of the best_of sequences.
+    score = 0 if p.decoder_input_details and p.details else None
+    req = engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop, logprobs=p.top_n_tokens or None,
+                         prompt_logprobs=score, truncate=p.truncate)
+    return [req] + [dataclasses.replace(req, params=dataclasses.replace(req.params), prompt_logprobs=None)
+                    for _ in range(best_of - 1)]
+
+
+def prefill(finish: Finish) -> list[PrefillToken]:
+    """`details.prefill`: the scored prompt (TGI sends it only with decoder_input_details)."""
+    return [PrefillToken(id=t.id, text=t.text, logprob=t.logprob) for t in finish.prompt or []]
+
+
+def top_tokens(top: list[TopToken], special_ids: frozenset[int]) -> list[TokenOut]:
+    return [TokenOut(id=t.id, text=t.text, logprob=t.logprob, special=t.id in special_ids) for t in top]

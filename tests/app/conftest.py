@@ -111,3 +111,16 @@ def keyed_server(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache)
                        base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache, API_KEY=API_KEY))
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def scoring_server(tmp_path_factory, tiny_lm_dir, onnx_cache) -> Iterator[Server]:
+    """A real server whose limits are the tiny model's whole context (the default settings, capped
+    by its 128 positions), so a prompt can fill it; the demo's example chat template; no
+    classifier. Shared by the log-probability tests (test_logprobs.py) and lm-evaluation-harness
+    (test_lm_eval.py)."""
+    srv = start_server(tmp_path_factory.mktemp("scoring"), base_env(
+        tiny_lm_dir, tiny_lm_dir, onnx_cache, CLASSIFIER_PATH="", MAX_INPUT_TOKENS="512", MAX_TOTAL_TOKENS="1024",
+        MAX_CONCURRENT_REQUESTS="32", CHAT_TEMPLATE=str(REPO / "model" / "demo" / "chat_template.jinja")))
+    yield srv
+    stop_server(srv)

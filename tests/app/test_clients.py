@@ -47,12 +47,15 @@ def model_name(oai: openai.OpenAI) -> str:
 
 def test_tgi_generate_with_decoder_input_details(tgi, keyed_server) -> None:
     r = tgi.generate(PROMPT, max_new_tokens=7, decoder_input_details=True)
-    raw = ours(keyed_server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 7, "details": True}})
+    raw = ours(keyed_server, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 7, "details": True,
+                                                                            "decoder_input_details": True}})
     want = raw.json()
     assert r.generated_text == want["generated_text"] != ""
     d = r.details
     assert d.finish_reason == FinishReason.Length and d.generated_tokens == 7 and d.seed is None
-    assert [(t.id, t.text) for t in d.prefill] == [(t["id"], t["text"]) for t in want["details"]["prefill"]]
+    assert [(t.id, t.text, t.logprob) for t in d.prefill] == [(t["id"], t["text"], t["logprob"])
+                                                              for t in want["details"]["prefill"]]
+    assert d.prefill[0].logprob is None and all(t.logprob < 0 for t in d.prefill[1:])  # values: test_logprobs.py
     assert [t.text for t in d.prefill] == ["The", " weather", " today", " is"]
     assert [t.id for t in d.tokens] == [t["id"] for t in want["details"]["tokens"]]
     assert "".join(t.text for t in d.tokens) == r.generated_text
@@ -89,7 +92,6 @@ def test_tgi_stop_sequence_and_full_text(tgi) -> None:
 
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"watermark": True}, "watermark"),
-    ({"top_n_tokens": 3}, "top_n_tokens"),
 ])
 def test_tgi_unsupported_parameters_are_a_422_naming_them(tgi, keyed_server, kwargs, name) -> None:
     with pytest.raises(ValidationError, match=f"parameters.{name}: .*TGI parameter {name} is not supported"):
@@ -162,7 +164,7 @@ def test_openai_completion_and_stream_give_the_same_text(oai, keyed_server, mode
 
 
 @pytest.mark.parametrize(("kwargs", "param", "message"), [
-    ({"max_tokens": -1}, "max_tokens", "max_tokens: Input should be greater than or equal to 1"),
+    ({"max_tokens": -1}, "max_tokens", "max_tokens: Input should be greater than or equal to 0"),
     ({"max_tokens": 500}, "max_tokens", "max_tokens: prompt (4 tokens) + max_tokens (500) exceed MAX_TOTAL_TOKENS"),
     ({"temperature": 3}, "temperature", "temperature: Input should be less than or equal to 2"),
     ({"n": 0}, "n", "n: Input should be greater than or equal to 1"),

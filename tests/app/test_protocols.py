@@ -137,8 +137,7 @@ def test_n_and_best_of(oai, srv, name) -> None:
     ({"best_of": 2, "n": 3}, "best_of", "best_of: best_of must be greater than or equal to n"),
     ({"n": 9}, "n", "n: at most 8 completions per prompt (MAX_BEST_OF)"),
     ({"suffix": "x"}, "suffix", "suffix: Value error, suffix is not supported"),
-    ({"logprobs": 2}, "logprobs", "logprobs: Value error, logprobs is not supported by this server yet"),
-    ({"echo": True}, "echo", "echo: Value error, echo is not supported by this server yet"),
+    ({"logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
     ({"logit_bias": {"abc": 1}}, "logit_bias", "logit_bias: Value error, key 'abc' is not a token id"),
     ({"logit_bias": {"5": 101}}, "logit_bias", "logit_bias: Value error, bias 101"),
     ({"logit_bias": {"50257": 1}}, "logit_bias", "logit_bias: token id 50257 is out of the vocabulary"),
@@ -298,7 +297,7 @@ def test_chat_vllm_fields(oai, name) -> None:
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0].type", "messages[0].content[0].type: 'image_url' content is not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools: tool calls are not supported"),
-    ({"logprobs": True}, "logprobs", "logprobs: Value error, logprobs is not supported by this server yet"),
+    ({"top_logprobs": 3}, "top_logprobs", "top_logprobs: Value error, needs logprobs: true"),
     ({"extra_body": {"chat_template": "{{ 1 }}"}}, "chat_template", "chat_template: Value error, chat_template is "
                                                                    "not accepted in a request"),
 ])

@@ -44,13 +44,16 @@ def test_health_info_models_docs(server) -> None:
 
 
 def test_generate_with_details(server) -> None:
-    body = {"inputs": "The weather today is", "parameters": {"max_new_tokens": 7, "details": True}}
+    body = {"inputs": "The weather today is", "parameters": {"max_new_tokens": 7, "details": True,
+                                                             "decoder_input_details": True}}
     r = post(server, "/generate", body)
     assert r.status_code == 200, r.text
     out = r.json()
     d = out["details"]
     assert d["finish_reason"] == "length" and d["generated_tokens"] == 7 and d["seed"] is None
     assert [t["text"] for t in d["prefill"]] == ["The", " weather", " today", " is"]
+    assert d["prefill"][0]["logprob"] is None and all(t["logprob"] < 0 for t in d["prefill"][1:])
+    assert "top_tokens" not in d  # only with top_n_tokens, as TGI
     assert len(d["tokens"]) == 7 and all(t["logprob"] <= 0 for t in d["tokens"])
     assert out["generated_text"] == "".join(t["text"] for t in d["tokens"])
     full = post(server, "/generate", {"inputs": "The weather today is",
@@ -70,7 +73,12 @@ def test_stream_final_text_equals_generate(server) -> None:
     assert events[-1]["details"]["finish_reason"] == "length"
     assert "".join(e["token"]["text"] for e in events) == plain
     for e in events:  # the hand-built events are exactly the documented StreamResponse
-        assert StreamResponse.model_validate(e).model_dump() == e
+        assert StreamResponse.model_validate(e).model_dump(exclude_unset=True) == e and "top_tokens" not in e
+    r = post(server, "/generate_stream", {"inputs": "The weather today is", "parameters": {"max_new_tokens": 3,
+                                                                                         "top_n_tokens": 2}})
+    events = [json.loads(x[5:]) for x in r.text.splitlines() if x.startswith("data:")]
+    for e in events:  # with top_n_tokens, the event's top_tokens too
+        assert StreamResponse.model_validate(e).model_dump(exclude_unset=True) == e and len(e["top_tokens"]) == 2
 
 
 def test_greedy_tokens_are_the_same_alone_and_among_concurrent_streams(tmp_path, tiny_lm_dir, tiny_classifier_dir,

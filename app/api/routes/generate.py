@@ -25,9 +25,10 @@ from app.protocol.tgi import (
     Details,
     GenerateRequest,
     GenerateResponse,
-    PrefillToken,
     TokenOut,
+    prefill,
     to_requests,
+    top_tokens,
 )
 from app.schemas import ErrorResponse
 
@@ -103,7 +104,8 @@ class Tracker:
 async def run_generation(state: ServiceState, request: Request, req: GenerationRequest) -> Finish:
     tracker = Tracker(state, request, req)
     async for ev in state.engine.generate_stream(req):
-        tracker.token()
+        if ev.token is not None:  # None: the one event of a score-only request
+            tracker.token()
         if ev.finish is not None:
             tracker.finish(ev.finish)
             return ev.finish
@@ -126,22 +128,28 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
     finally:
         state.release()
     best = max(range(len(finishes)), key=lambda i: mean_logprob(finishes[i]))  # the first of equals, as TGI
-    finish, req = finishes[best], reqs[best]
+    finish = finishes[best]
     prefix = body.inputs if body.parameters.return_full_text else ""
     if not body.parameters.details:
         return GenerateResponse(generated_text=prefix + finish.generated_text)  # no `details` unless asked (TGI)
-    tok = state.engine.tokenizer
-    prefill = [PrefillToken(id=i, text=tok.id_to_token_text(i)) for i in req.prompt_ids]
+    # With decoder_input_details the first sequence scored the prompt, for all of them (TGI).
+    prompt = prefill(finishes[0])
+    special = state.engine.tokenizer.special_ids
+    top_n = bool(body.parameters.top_n_tokens)
 
     def tokens(f: Finish) -> list[TokenOut]:
         return [TokenOut(id=t.id, text=t.text, logprob=t.logprob, special=t.special) for t in f.tokens]
 
+    def tops(f: Finish) -> dict[str, Any]:  # TGI leaves `top_tokens` out unless asked for
+        return {"top_tokens": [top_tokens(t.top, special) for t in f.tokens]} if top_n else {}
+
     details = Details(finish_reason=finish.reason, generated_tokens=finish.generated_tokens, seed=finish.seed,
-                      prefill=prefill, tokens=tokens(finish))
+                      prefill=prompt, tokens=tokens(finish), **tops(finish))
     if len(finishes) > 1:
         details.best_of_sequences = [
             BestOfSequence(generated_text=prefix + f.generated_text, finish_reason=f.reason,
-                           generated_tokens=f.generated_tokens, seed=f.seed, prefill=prefill, tokens=tokens(f))
+                           generated_tokens=f.generated_tokens, seed=f.seed, prefill=prompt, tokens=tokens(f),
+                           **tops(f))
             for i, f in enumerate(finishes) if i != best]
     return GenerateResponse(generated_text=prefix + finish.generated_text, details=details)
 
@@ -172,20 +180,28 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
         state.release()
         raise
     prefix = body.inputs if body.parameters.return_full_text else ""
-    return SSEResponse(_sse(state, request, req, prefix), headers={"Cache-Control": "no-cache",
-                                                                   "X-Accel-Buffering": "no"})
+    special = state.engine.tokenizer.special_ids if body.parameters.top_n_tokens else None
+    return SSEResponse(_sse(state, request, req, prefix, special), headers={"Cache-Control": "no-cache",
+                                                                            "X-Accel-Buffering": "no"})
 
 
-def sse_event(ev: StreamEvent, prefix: str) -> bytes:
+def _finite(lp: float) -> float | None:
+    return lp if math.isfinite(lp) else None
+
+
+def sse_event(ev: StreamEvent, prefix: str, special_ids: frozenset[int] | None = None) -> bytes:
     """One `data:` line of `StreamResponse` JSON, built directly: this runs once per token, and
     building the pydantic models took about 15 us a token against 0.6 us for this with orjson
     (the stdlib's json.dumps: 4 us). tests/app/test_server.py checks the events against
-    `StreamResponse`."""
-    lp = ev.token.logprob
-    out: dict[str, Any] = {"index": ev.index, "token": {"id": ev.token.id, "text": ev.token.text,
-                                                        "logprob": lp if math.isfinite(lp) else None,
-                                                        "special": ev.token.special},
-                           "generated_text": None, "details": None}
+    `StreamResponse`. `special_ids` (the tokenizer's), when the request asked for top_n_tokens:
+    the event's `top_tokens` (TGI leaves the field out otherwise)."""
+    tok = ev.token
+    out: dict[str, Any] = {"index": ev.index, "token": {"id": tok.id, "text": tok.text,
+                                                        "logprob": _finite(tok.logprob), "special": tok.special}}
+    if special_ids is not None:
+        out["top_tokens"] = [{"id": t.id, "text": t.text, "logprob": _finite(t.logprob), "special": t.id in special_ids}
+                             for t in tok.top]
+    out["generated_text"] = out["details"] = None
     if ev.finish is not None:
         out["generated_text"] = prefix + ev.finish.generated_text
         out["details"] = {"finish_reason": ev.finish.reason, "generated_tokens": ev.finish.generated_tokens,
@@ -193,14 +209,15 @@ def sse_event(ev: StreamEvent, prefix: str) -> bytes:
     return b"data: " + orjson.dumps(out) + b"\n\n"
 
 
-async def _sse(state: ServiceState, request: Request, req: GenerationRequest, prefix: str) -> AsyncIterator[bytes]:
+async def _sse(state: ServiceState, request: Request, req: GenerationRequest, prefix: str,
+               special_ids: frozenset[int] | None = None) -> AsyncIterator[bytes]:
     tracker = Tracker(state, request, req)
     try:
         async for batch in state.engine.generate_batches(req):
             tracker.token(len(batch))
             if batch[-1].finish is not None:
                 tracker.finish(batch[-1].finish)
-            yield b"".join(sse_event(ev, prefix) for ev in batch)  # one write for all that is ready
+            yield b"".join(sse_event(ev, prefix, special_ids) for ev in batch)  # one write for all that is ready
     except Exception as exc:  # the stream has started: report in-band, as TGI does
         _, error_type, _ = classify_exception(exc)
         logger.error("stream %s failed", getattr(request.state, "request_id", "-"), exc_info=exc)

@@ -2,7 +2,8 @@
 
 OpenAI's semantics, not TGI's: `temperature` defaults to 1 (sampling; 0 is greedy), the stop
 sequence is cut from the returned text, and `finish_reason` is "stop" or "length". The request
-models and their mapping to the engine are in `app.protocol.openai`.
+models and their mapping to the engine are in `app.protocol.openai`; the log-probabilities'
+formats in `app.protocol.logprobs`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
 from app.core.errors import BadRequestError, NotFoundError, stream_error
 from app.engine.engine import InputError
-from app.engine.scheduler import Finish, GenerationRequest
+from app.engine.scheduler import Finish, GenerationRequest, PromptToken, Token
 from app.protocol import mean_logprob
 from app.protocol.chat_template import ChatTemplateError
+from app.protocol.logprobs import StreamedTokens, chat_logprobs, completion_logprobs, text_offsets
 from app.protocol.openai import (
     ChatChoice,
     ChatCompletionRequest,
@@ -76,7 +78,8 @@ async def models(state: StateDep) -> ModelList:
 
 
 def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
-             fields: list[str]) -> tuple[int, list[list[GenerationRequest]]]:
+             fields: list[str], logprobs: int | None = None,
+             prompt_logprobs: int | None = None) -> tuple[int, list[list[GenerationRequest]]]:
     """(n, per prompt its best_of engine requests). `max_tokens` None: what the limits leave (chat)."""
     n, best_of = candidates(body)
     groups = []
@@ -87,27 +90,28 @@ def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list
             if body.truncate_prompt_tokens and body.truncate_prompt_tokens > 0:
                 n_prompt = min(n_prompt, body.truncate_prompt_tokens)
             limit = max(1, (state.engine.limits()["max_total_tokens"] or n_prompt + 1) - n_prompt)
-        groups.append(to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of))
+        groups.append(to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of,
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs))
     return n, groups
 
 
 async def _finish_all(state: ServiceState, request: Request, groups: list[list[GenerationRequest]],
-                      n: int) -> list[Finish]:
+                      n: int) -> list[tuple[Finish, GenerationRequest]]:
     """Run every candidate together; per prompt, the n choices (with best_of > n, the n with the
-    highest mean token log-probability, best first)."""
+    highest mean token log-probability, best first), each with its engine request."""
     flat = [r for g in groups for r in g]
     finishes = await until_disconnect(request, _all_or_none([run_generation(state, request, r) for r in flat]))
     out, k = [], 0
     for g in groups:
-        mine = finishes[k:k + len(g)]
+        mine = list(zip(finishes[k:k + len(g)], g, strict=True))
         k += len(g)
-        out += mine if len(mine) == n else sorted(mine, key=mean_logprob, reverse=True)[:n]
+        out += mine if len(mine) == n else sorted(mine, key=lambda fr: mean_logprob(fr[0]), reverse=True)[:n]
     return out
 
 
-def _usage(groups: list[list[GenerationRequest]], finishes: list[Finish]) -> Usage:
+def _usage(groups: list[list[GenerationRequest]], finishes: list[tuple[Finish, GenerationRequest]]) -> Usage:
     prompt_tokens = sum(len(g[0].prompt_ids) for g in groups)
-    completion_tokens = sum(f.generated_tokens for f in finishes)
+    completion_tokens = sum(f.generated_tokens for f, _ in finishes)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
 
@@ -120,26 +124,44 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     try:
         prompts = body.prompts
         fields = ["prompt" if len(prompts) == 1 else f"prompt[{i}]" for i in range(len(prompts))]
-        n, groups = _prepare(state, body, prompts, body.max_tokens or 16, fields)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        # echo + logprobs scores the prompt; echo with max_tokens 0 alone too (the engine's score-only request)
+        prompt_logprobs = (body.logprobs if body.logprobs is not None else 0 if max_tokens == 0 else None) \
+            if body.echo else None
+        n, groups = _prepare(state, body, prompts, max_tokens, fields, body.logprobs, prompt_logprobs)
     except BaseException:
         state.release()
         raise
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     include_stop = bool(body.include_stop_str_in_output)
+    tok = state.engine.tokenizer
     if body.stream:
-        def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+        def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool,
+                   items: list[tuple[PromptToken | Token, int]] | None) -> dict:
+            return {"index": i, "text": text, "logprobs": None if items is None else completion_logprobs(items),
+                    "finish_reason": reason, "stop_reason": stop_reason}
 
-        return SSEResponse(_stream(state, request, body, groups, cid, created, "text_completion", choice),
+        return SSEResponse(_stream(state, request, body, groups, cid, created, "text_completion", choice,
+                                   echo=bool(body.echo), logprobs=body.logprobs is not None),
                            headers={"Cache-Control": "no-cache"})
     try:
         finishes = await _finish_all(state, request, groups, n)
     finally:
         state.release()
     choices = []
-    for i, f in enumerate(finishes):
+    for i, (f, req) in enumerate(finishes):
         text, reason = text_and_reason(f, include_stop)
-        choices.append(CompletionChoice(text=text, index=i, finish_reason=reason, stop_reason=f.stop_reason))
+        echo = tok.decode(req.prompt_ids) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            items: list[tuple[PromptToken | Token, int]] = []
+            if body.echo:
+                items += zip(f.prompt, text_offsets(tok, req.prompt_ids), strict=True)
+            offsets = text_offsets(tok, [t.id for t in f.tokens], len(echo), req.skip_special_tokens)
+            items += zip(f.tokens, offsets, strict=True)
+            logprobs = completion_logprobs(items)
+        choices.append(CompletionChoice(text=echo + text, index=i, logprobs=logprobs, finish_reason=reason,
+                                        stop_reason=f.stop_reason))
     return CompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
                               usage=_usage(groups, finishes))
 
@@ -178,28 +200,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     try:
         text, echo = _chat_prompt(state, body)
         ids = state.engine.tokenizer.encode(text)  # rendered text holds its special tokens (no BOS added)
-        n, groups = _prepare(state, body, [ids], body.completion_limit, ["messages"])
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        n, groups = _prepare(state, body, [ids], body.completion_limit, ["messages"], logprobs)
     except BaseException:
         state.release()
         raise
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    tok = state.engine.tokenizer
     if body.stream:
-        def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool) -> dict:
+        def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool,
+                   items: list[tuple[PromptToken | Token, int]] | None) -> dict:
             delta: dict[str, Any] = {"role": "assistant", "content": echo + text} if first else {"content": text}
             if reason is not None and not text and not first:
                 delta = {}
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason, "stop_reason": stop_reason}
+            lp = None if items is None or first else chat_logprobs([t for t, _ in items], tok)
+            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason, "stop_reason": stop_reason}
 
-        return SSEResponse(_stream(state, request, body, groups, cid, created, "chat.completion.chunk", choice),
+        return SSEResponse(_stream(state, request, body, groups, cid, created, "chat.completion.chunk", choice,
+                                   logprobs=logprobs is not None),
                            headers={"Cache-Control": "no-cache"})
     try:
         finishes = await _finish_all(state, request, groups, n)
     finally:
         state.release()
     choices = []
-    for i, f in enumerate(finishes):
+    for i, (f, _) in enumerate(finishes):
         content, reason = text_and_reason(f, bool(body.include_stop_str_in_output))
         choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=echo + content), finish_reason=reason,
+                                  logprobs=chat_logprobs(f.tokens, tok) if logprobs is not None else None,
                                   stop_reason=f.stop_reason))
     return ChatCompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
                                   usage=_usage(groups, finishes))
@@ -215,22 +243,29 @@ async def _all_or_none(coros: list) -> list[Finish]:
             t.cancel()
 
 
-ChoiceFn = Callable[[int, str, str | None, Any, bool], dict]
+# (choice index, text, finish_reason, stop_reason, first chunk of the choice, (token, text offset) pairs or
+# None when no log-probabilities were asked for) -> the chunk's choice object
+ChoiceFn = Callable[[int, str, str | None, Any, bool, list[tuple[PromptToken | Token, int]] | None], dict]
 
 
 async def _stream(state: ServiceState, request: Request, body: SamplingFields, groups: list[list[GenerationRequest]],
-                  cid: str, created: int, obj: str, choice: ChoiceFn) -> AsyncIterator[str]:
+                  cid: str, created: int, obj: str, choice: ChoiceFn, echo: bool = False,
+                  logprobs: bool = False) -> AsyncIterator[str]:
     """Chunks of every choice as they come; with `stream_options.include_usage` a usage chunk
     (empty `choices`) before `[DONE]`, and with `continuous_usage_stats` the usage so far in each
     chunk (vLLM). Only n == best_of streams, so every engine request is one choice.
 
     Text that could still be the start of a stop sequence is held back (the stop is cut from
-    the output); partial UTF-8 characters never arrive (the engine decodes incrementally).
+    the output); partial UTF-8 characters never arrive (the engine decodes incrementally). A
+    chunk's log-probabilities are those of the tokens whose text it carries, so they wait with
+    their text. `echo` (completions): the prompt's text, and with `logprobs` its scored tokens,
+    lead the choice's first chunk; a score-only request (max_tokens 0) is that one chunk.
     """
     reqs = [r for g in groups for r in g]
     prompt_lens = [len(g[0].prompt_ids) for g in groups for _ in g]
     queue: asyncio.Queue = asyncio.Queue()
     name = model_id(state)
+    tok = state.engine.tokenizer
     include_stop = bool(body.include_stop_str_in_output)
     hold = 0 if include_stop else max((len(s) for s in body.stops), default=1) - 1
     include_usage, continuous = body.include_usage, body.continuous_usage
@@ -239,7 +274,8 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
         tracker = Tracker(state, request, req)
         try:
             async for ev in state.engine.generate_stream(req):
-                tracker.token()
+                if ev.token is not None:  # None: the one event of a score-only request
+                    tracker.token()
                 await queue.put((i, ev))
         except Exception as e:
             await queue.put((i, e))
@@ -247,9 +283,11 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
     made = [0] * len(reqs)
     started = [False] * len(reqs)
 
-    def chunk(i: int, text: str, reason: str | None, stop_reason: Any = None) -> str:
+    def chunk(i: int, text: str, reason: str | None, stop_reason: Any = None,
+              items: list[tuple[PromptToken | Token, int]] | None = None) -> str:
         out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": name,
-                               "choices": [choice(i, text, reason, stop_reason, not started[i])]}
+                               "choices": [choice(i, text, reason, stop_reason, not started[i],
+                                                  (items or []) if logprobs else None)]}
         started[i] = True
         if include_usage:
             out["usage"] = None
@@ -259,8 +297,10 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
         return f"data: {json.dumps(out)}\n\n"
 
     tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
-    texts = [""] * len(reqs)
-    sent = [0] * len(reqs)
+    texts = [""] * len(reqs)  # generated text so far, held-back end included
+    sent = [0] * len(reqs)  # how much of it has been sent
+    heads = [tok.decode(r.prompt_ids) if echo else "" for r in reqs]  # the echoed prompt, before the text
+    waiting = [StreamedTokens() for _ in reqs]  # generated tokens whose text is not sent yet
     done = 0
     try:
         if obj == "chat.completion.chunk":  # the role first, as OpenAI and vLLM send it
@@ -272,18 +312,27 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
                 yield f"data: {json.dumps(stream_error(request.url.path, ev))}\n\n"
                 done += 1
                 continue
-            made[i] = ev.index + 1
+            made[i] = ev.finish.generated_tokens if ev.finish is not None else ev.index + 1
+            head, items = "", []
+            if echo and not started[i]:
+                head = heads[i]
+                if ev.prompt is not None:
+                    items += zip(ev.prompt, text_offsets(tok, reqs[i].prompt_ids), strict=True)
+            base = len(heads[i])
+            if ev.token is not None:  # None: the one event of a score-only request
+                start = base + len(texts[i])
+                texts[i] += ev.delta  # the engine's incremental decoder already holds back partial UTF-8
+                waiting[i].push(ev.token, start, base + len(texts[i]))
             if ev.finish is not None:
                 text, reason = text_and_reason(ev.finish, include_stop)
                 done += 1
-                yield chunk(i, text[sent[i]:], reason, ev.finish.stop_reason)
+                yield chunk(i, head + text[sent[i]:], reason, ev.finish.stop_reason, items + waiting[i].release())
                 continue
-            # The engine's incremental decoder already holds back partial UTF-8 characters.
-            texts[i] += ev.delta
             safe = len(texts[i]) - hold
-            if safe > sent[i]:
-                yield chunk(i, texts[i][sent[i]:safe], None)
-                sent[i] = safe
+            if safe > sent[i] or head:
+                new = texts[i][sent[i]:max(safe, sent[i])]
+                sent[i] = max(safe, sent[i])
+                yield chunk(i, head + new, None, None, items + waiting[i].release(base + sent[i]))
         if include_usage:
             prompt_tokens = sum(len(g[0].prompt_ids) for g in groups)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(made),
