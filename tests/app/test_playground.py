@@ -114,3 +114,111 @@ def test_playground_streams_tokens_and_classifies(browser, keyed_server: Server)
     wait_for(d, lambda d: "finished: length" in d.find_element(By.ID, "gen-status").text)
     d.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+SCORING_SHOT = REPO / "docs" / "playground-scoring.png"
+SCORED_TEXT = ("Q: What is the difference between a duck? A: One of its legs is both the same. "
+               "The best way to predict the future is to invent it.")
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory, onnx_cache) -> Server:
+    """The demo LM (trained on fortunes, so the shading shows a trained model's view of a text)."""
+    from tests.app.conftest import base_env, start_server, stop_server
+
+    demo = REPO / "model" / "demo" / "lm"
+    srv = start_server(tmp_path_factory.mktemp("demo"), base_env(demo, demo, onnx_cache, CLASSIFIER_PATH="",
+                                                                 MAX_INPUT_TOKENS="256", MAX_TOTAL_TOKENS="512"))
+    yield srv
+    stop_server(srv)
+
+
+def rank(token: str, logprob: float, top: dict[str, float]) -> int:
+    """1 + the alternatives more likely than the token; 21 stands for "past the 20 returned"."""
+    better = sum(1 for text, lp in top.items() if text != token and lp > logprob)
+    return 21 if better >= 20 else better + 1
+
+
+@needs_chromium
+def test_playground_scores_a_text(browser, demo_server: Server) -> None:
+    """The scoring panel: each token shaded by its rank among the model's alternatives (GLTR's
+    buckets) or by its log-probability, the text's perplexity, and a token's alternatives on hover,
+    all as the server computed them; the perplexity is transformers' too."""
+    import base64
+    import math
+
+    import torch
+    import transformers
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(demo_server.url + "/")
+    text = d.find_element(By.ID, "score-text")
+    text.clear()
+    text.send_keys(SCORED_TEXT)
+    d.find_element(By.ID, "score").click()
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#scored .stok") and d.find_element(By.ID,
+                                                                                            "score-perplexity"))
+    want = httpx.post(demo_server.url + "/v1/completions", timeout=60, json={
+        "prompt": SCORED_TEXT, "max_tokens": 0, "echo": True, "logprobs": 20}).json()["choices"][0]["logprobs"]
+    spans = d.find_elements(By.CSS_SELECTOR, "#scored .stok")
+    assert [s.get_attribute("textContent") for s in spans] == want["tokens"]
+    assert d.find_element(By.ID, "scored").get_attribute("textContent") == SCORED_TEXT
+    assert spans[0].get_attribute("data-logprob") == "" and "first" in spans[0].get_attribute("class")
+    ranks = [rank(t, lp, top) for t, lp, top in zip(want["tokens"][1:], want["token_logprobs"][1:],
+                                                    want["top_logprobs"][1:], strict=True)]
+    shown = [(s.get_attribute("data-logprob"), s.get_attribute("data-rank"), s.get_attribute("class").split()[-1])
+             for s in spans[1:]]
+    buckets = {1: "r1", 2: "r5", 3: "r5", 4: "r5", 5: "r5", 21: "rmore"}
+    assert shown == [(f"{lp:.4f}", ">20" if r > 20 else str(r), buckets.get(r, "r20"))
+                     for lp, r in zip(want["token_logprobs"][1:], ranks, strict=True)]
+    assert len(set(ranks)) > 3  # the demo model's view: some tokens expected, some not
+    counts = [li.text for li in d.find_elements(By.CSS_SELECTOR, "#score-legend .bucket")]
+    assert counts == [f"rank 1: {ranks.count(1)}", f"rank 2–5: {sum(2 <= r <= 5 for r in ranks)}",
+                      f"rank 6–20: {sum(6 <= r <= 20 for r in ranks)}", f"rank > 20: {ranks.count(21)}"]
+    mean = sum(want["token_logprobs"][1:]) / len(ranks)
+    assert d.find_element(By.ID, "score-perplexity").text == f"{math.exp(-mean):.2f}"
+    assert d.find_element(By.ID, "score-tokens").text == str(len(spans))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(REPO / "model" / "demo" / "lm").eval()
+    ids = transformers.AutoTokenizer.from_pretrained(REPO / "model" / "demo" / "lm")(SCORED_TEXT).input_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].double(), -1)
+    ref = math.exp(-float(lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean()))
+    assert abs(float(d.find_element(By.ID, "score-perplexity").text) - ref) < 0.01
+
+    # Hover: the token's alternatives, best first, the token itself marked.
+    k = max(range(1, len(spans)), key=lambda i: ranks[i - 1] if ranks[i - 1] <= 20 else 0)  # one with a rank > 1
+    ActionChains(d).move_to_element(spans[k]).perform()
+    wait_for(d, lambda d: d.find_element(By.ID, "alt").is_displayed())
+    rows = d.find_elements(By.CSS_SELECTOR, "#alt tr")
+    alternatives = sorted(want["top_logprobs"][k].items(), key=lambda kv: -kv[1])
+    assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == [f"{lp:.3f}" for _, lp in alternatives]
+    assert [r.get_attribute("class") for r in rows].index("me") == ranks[k - 1] - 1
+    assert f"rank {ranks[k - 1]}" in d.find_element(By.CSS_SELECTOR, "#alt .head").text
+    # The screenshot: the scoring panel and the hovered token's alternatives (Chrome's DevTools
+    # capture, clipped to both).
+    clip = d.execute_script("""
+        const a = document.getElementById('scoring').getBoundingClientRect();
+        const b = document.getElementById('alt').getBoundingClientRect();
+        const x = Math.min(a.left, b.left) - 8 + window.scrollX, y = Math.min(a.top, b.top) - 8 + window.scrollY;
+        return {x: x, y: y, width: Math.max(a.right, b.right) + 8 + window.scrollX - x,
+                height: Math.max(a.bottom, b.bottom) + 8 + window.scrollY - y, scale: 1};""")
+    shot = d.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True})
+    SCORING_SHOT.write_bytes(base64.b64decode(shot["data"]))
+    assert SCORING_SHOT.stat().st_size > 10_000
+
+    # Shading by log-probability: a red whose strength follows the log-probability (the browser keeps
+    # the alpha in 1/255 steps).
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element(By.ID, "shade")).select_by_value("logprob")
+    styles = [s.value_of_css_property("background-color") for s in spans[1:]]
+    alphas = [float(s.split(",")[-1].rstrip(")")) if s.startswith("rgba") else 1.0 for s in styles]
+    assert alphas == pytest.approx([min(1, -lp / 10) * 0.8 for lp in want["token_logprobs"][1:]], abs=4e-3)
+
+    # A bad request is the server's 400, shown on the page.
+    text.clear()
+    d.find_element(By.ID, "score").click()
+    wait_for(d, lambda d: "400" in d.find_element(By.ID, "score-status").text)
+    assert "prompt" in d.find_element(By.ID, "score-status").text
