@@ -12,6 +12,7 @@ steps) moves the cache through the host.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 from collections.abc import Sequence
@@ -38,6 +39,19 @@ from app.engine.runner import (
 from export.providers import CUDA, providers_for
 
 logger = logging.getLogger(__name__)
+
+def trim_heap() -> None:
+    """glibc's malloc_trim: return the heap's free pages to the system. Freed KV buffers of a few
+    MB come back to the heap rather than to the system once glibc has raised its mmap threshold
+    (it does after the first large free), so without this the memory a burst used stayed resident
+    at rest (measured: 926 MiB after a burst against 657 before it, GPT-2 124M). No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 SELECT_INPUTS = ("logits_index", "target_ids", "temperature", "top_n")
@@ -246,9 +260,11 @@ class OrtSlotRunner(GenerationRunner):
         self.capacity, self.width = cap, wide
 
     def _release_if_idle(self) -> None:
-        """With no row and no chunked prefill, go back to the first (small) buffers."""
+        """With no row and no chunked prefill, go back to the first (small) buffers, and hand the
+        freed memory back to the system."""
         if not self.num_rows and not self.chunk_done and (self.capacity, self.width) != self.first_size:
             self._realloc(*self.first_size)
+            trim_heap()
 
     def _run(self, ids: np.ndarray, pos: np.ndarray, seqlens_k: np.ndarray, rows: slice,
              sel: dict[str, np.ndarray]) -> list[np.ndarray]:
