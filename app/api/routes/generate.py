@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ServiceState, StateDep
+from app.api.routing import api_router
 from app.core.errors import ClientDisconnectedError, classify_exception, stream_error
 from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
@@ -31,7 +32,7 @@ from app.schemas import (
 )
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["generation"])
+router = api_router(tags=["generation"])
 T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -113,9 +114,9 @@ async def run_generation(state: ServiceState, request: Request, req: GenerationR
     raise RuntimeError("generation ended without a finish event")  # pragma: no cover
 
 
-def prepare(state: ServiceState, body: GenerateRequest) -> GenerationRequest:
+async def prepare(state: ServiceState, body: GenerateRequest) -> GenerationRequest:
     p = body.parameters
-    return state.engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop)
+    return await state.engine.prepare_async(body.inputs, p.max_new_tokens, sampling_params(p), p.stop)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=ERRORS)
@@ -123,7 +124,7 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
     """Generate text for `inputs` (TGI's request and response)."""
     state.acquire()
     try:
-        req = prepare(state, body)
+        req = await prepare(state, body)
         finish = await until_disconnect(request, run_generation(state, request, req))
     finally:
         state.release()
@@ -152,7 +153,7 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
         raise InputError("parameters.decoder_input_details", "true is not supported when streaming tokens")
     state.acquire()
     try:
-        req = prepare(state, body)
+        req = await prepare(state, body)
     except BaseException:
         state.release()
         raise

@@ -14,10 +14,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
+from app.api.routing import api_router
 from app.core.errors import NotFoundError, stream_error
 from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
@@ -33,7 +34,7 @@ from app.schemas import (
 )
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = api_router(prefix="/v1", tags=["openai"])
 
 # OpenAI's envelope and codes (app.core.errors): bad input is 400, not 422.
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -87,7 +88,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         reqs = []
         for i, p in enumerate(prompts):
             try:
-                reqs.append(state.engine.prepare(p, body.max_tokens, _params(body), stops))
+                reqs.append(await state.engine.prepare_async(p, body.max_tokens, _params(body), stops))
             except InputError as e:  # name the field as this API spells it
                 field = {"inputs": "prompt" if len(prompts) == 1 else f"prompt[{i}]",
                          "max_new_tokens": "max_tokens"}.get(e.field, e.field)
