@@ -52,6 +52,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         max_batch_total_tokens=s.max_batch_total_tokens, max_input_tokens=s.max_input_tokens,
         max_total_tokens=s.max_total_tokens, cancel=cancel, prefill_chunk_tokens=s.prefill_chunk_tokens,
         max_batch_prefill_tokens=s.max_batch_prefill_tokens, waiting_served_ratio=s.waiting_served_ratio,
+        export_lock_stale_s=s.export_lock_stale_seconds,
     )
     engine.start()
     return engine

@@ -19,7 +19,8 @@ def main() -> int:
     jobs = [("generate", s.model_path)] + ([("classify", s.classifier_path)] if s.classifier_path else [])
     for task, path in jobs:
         try:
-            onnx, _ = ensure_export(path, task, resolve_precision(s.precision, device), s.onnx_cache_dir, device)
+            onnx, _ = ensure_export(path, task, resolve_precision(s.precision, device), s.onnx_cache_dir, device,
+                                    lock_stale_s=s.export_lock_stale_seconds)
         except Exception as e:  # a CLI: say what failed and exit non-zero
             logger.error("%s export of %s failed: %s", task, path, e)
             return 1

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
         "auto", description="auto: fp16 on CUDA, fp32 on CPU (as TGI and vLLM); an explicit value is obeyed")
     onnx_cache_dir: Path = Field(Path(".onnx_cache"), description="exports are made once and reused from here")
+    export_lock_stale_seconds: float = Field(30.0, gt=0, description="an export lock in ONNX_CACHE_DIR whose holder "
+                                                                      "has not touched it for this long is taken over")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     max_input_tokens: int = Field(512, ge=1)

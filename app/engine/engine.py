@@ -109,10 +109,11 @@ class Engine:
              num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
              cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
-             max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2) -> Engine:
+             max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
+             export_lock_stale_s: float = 30.0) -> Engine:
         """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
-                  cancel=cancel)
+                  cancel=cancel, lock_stale_s=export_lock_stale_s)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
         return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,

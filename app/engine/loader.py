@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.engine import export_child, export_lock
 from export import manifest as mf
 
 logger = logging.getLogger(__name__)
@@ -131,9 +132,11 @@ def failure_report_path(export_dir: Path) -> Path:
 
 
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
-                  cancel: threading.Event | None = None) -> tuple[Path, bool]:
+                  cancel: threading.Event | None = None,
+                  lock_stale_s: float = export_lock.STALE_AFTER_S) -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
-    exporting it if the cache has none."""
+    exporting it if the cache has none. One process exports an entry at a time; the others wait
+    for it and use its export (`export_lock`, EXPORT_LOCK_STALE_SECONDS)."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
     attention = attention_for(task, device)
     final = cache_dir / cache_key(sha, task, precision, attention)
@@ -150,10 +153,17 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
         except FileNotFoundError:
             pass  # another process moved it first
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
-    logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
+    # One exporter per entry, across replicas sharing the cache; dead exports' leftovers go first.
+    lock = export_lock.ExportLock(cache_dir, final.name, lock_stale_s)
+    if not lock.acquire(cancel):
+        raise LoadCancelledError("export cancelled: shutting down")
+    tmp = lock.tmp
     report = failure_report_path(final)
     try:
+        if lock.waited_s and final.exists() and _valid(final, sha) is None:
+            logger.info("another process exported %s while this one waited %.0f s; using it", final, lock.waited_s)
+            return final / mf.MODEL_FILE, True
+        logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
         try:
             _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
         except ExportFailedError as e:
@@ -169,6 +179,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
             logger.info("another process wrote %s first; using it", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     return final / mf.MODEL_FILE, False
 
 
@@ -200,12 +211,14 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
     """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
     server process, and the tracer never shares the interpreter with the event loop's threads.
     Setting `cancel` stops the child (a shutdown during a first-start export)."""
-    cmd = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
-           "--precision", precision, "--attention", attention]
+    # `python -m export` that the kernel kills if this process dies (export_child: PR_SET_PDEATHSIG)
+    cmd = [sys.executable, "-m", "app.engine.export_child", "--checkpoint", str(checkpoint), "--task", task,
+           "--out", str(out), "--precision", precision, "--attention", attention]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]
     with tempfile.TemporaryFile() as log:  # stdout (the summary table) and stderr, interleaved
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                env={**os.environ, export_child.PARENT_ENV: str(os.getpid())})
         while True:
             try:
                 proc.wait(timeout=0.2)
@@ -231,7 +244,7 @@ def _context_length(onnx_path: Path) -> int:
 
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
-         cancel: threading.Event | None = None) -> Loaded:
+         cancel: threading.Event | None = None, lock_stale_s: float = export_lock.STALE_AFTER_S) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
@@ -244,7 +257,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                                    "(install onnxruntime-gpu)")
             if precision == "fp16" and dev == "cpu":
                 logger.warning("PRECISION=fp16 on CPU: ONNX Runtime runs it, but fp32 or int8 is faster there")
-            path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel)
+            path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, lock_stale_s)
             from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
 
             attention = attention_for(task, dev)
