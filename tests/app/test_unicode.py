@@ -137,7 +137,7 @@ def _put(body: dict, path: str, value: Any) -> None:
 @pytest.mark.parametrize(("route", "path", "as_list", "stream"), CASES,
                          ids=[f"{r}:{p}{'[0]' if li else ''}{':stream' if s else ''}" for r, p, li, s in CASES])
 @given(text=TEXT)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_any_unicode_in_any_text_field_is_never_a_5xx(connection, route, path, as_list, stream, text) -> None:
     op = _SCHEMA["paths"][route]["post"]
     body = copy.deepcopy(_minimal(op["requestBody"]["content"]["application/json"]["schema"]))
