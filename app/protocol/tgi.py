@@ -145,7 +145,8 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
                           relative_frequency_penalty=p.frequency_penalty or 0.0, typical_p=p.typical_p)
 
 
-def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream: bool) -> list[GenerationRequest]:
+async def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream: bool,
+                      ) -> list[GenerationRequest]:
     """The engine requests of one TGI request: one, or `best_of` with their own random seeds.
     Raises `InputError` naming the parameter (TGI's checks and messages)."""
     p = body.parameters
@@ -164,5 +165,5 @@ def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream:
     if p.truncate is not None and limit is not None and p.truncate > limit:
         raise InputError("parameters.truncate", f"`truncate` must be strictly positive and at most the input limit "
                                                 f"{limit}. Given: {p.truncate}")
-    req = engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop, truncate=p.truncate)
+    req = await engine.prepare_async(body.inputs, p.max_new_tokens, sampling_params(p), p.stop, truncate=p.truncate)
     return [req] + [dataclasses.replace(req, params=dataclasses.replace(req.params)) for _ in range(best_of - 1)]

@@ -15,10 +15,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
+from app.api.routing import api_router
 from app.core.errors import BadRequestError, NotFoundError, stream_error
 from app.engine.engine import InputError
 from app.engine.scheduler import Finish, GenerationRequest
@@ -43,7 +44,7 @@ from app.protocol.openai import (
 from app.schemas import OpenAIErrorResponse
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = api_router(prefix="/v1", tags=["openai"])
 
 # OpenAI's envelope and codes (app.core.errors): bad input is 400, not 422.
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -75,7 +76,8 @@ async def models(state: StateDep) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=int(state.started), root=name, max_model_len=limit)])
 
 
-def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
+async def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]],
+                   max_tokens: int | None,
              fields: list[str]) -> tuple[int, list[list[GenerationRequest]]]:
     """(n, per prompt its best_of engine requests). `max_tokens` None: what the limits leave (chat)."""
     n, best_of = candidates(body)
@@ -87,7 +89,8 @@ def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list
             if body.truncate_prompt_tokens and body.truncate_prompt_tokens > 0:
                 n_prompt = min(n_prompt, body.truncate_prompt_tokens)
             limit = max(1, (state.engine.limits()["max_total_tokens"] or n_prompt + 1) - n_prompt)
-        groups.append(to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of))
+        groups.append(await to_requests(state.engine, body, prompt, limit, best_of, field,
+                                        state.settings.max_best_of))
     return n, groups
 
 
@@ -120,7 +123,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     try:
         prompts = body.prompts
         fields = ["prompt" if len(prompts) == 1 else f"prompt[{i}]" for i in range(len(prompts))]
-        n, groups = _prepare(state, body, prompts, body.max_tokens or 16, fields)
+        n, groups = await _prepare(state, body, prompts, body.max_tokens or 16, fields)
     except BaseException:
         state.release()
         raise
@@ -177,8 +180,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     state.acquire()
     try:
         text, echo = _chat_prompt(state, body)
-        ids = state.engine.tokenizer.encode(text)  # rendered text holds its special tokens (no BOS added)
-        n, groups = _prepare(state, body, [ids], body.completion_limit, ["messages"])
+        # the rendered text holds its special tokens (no BOS added); a long one is tokenized off the loop
+        ids = await state.engine.encode(text, "messages", *state.engine.prompt_limit())
+        n, groups = await _prepare(state, body, [ids], body.completion_limit, ["messages"])
     except BaseException:
         state.release()
         raise
