@@ -16,7 +16,8 @@ from types import FrameType
 
 import uvicorn
 
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
+from app.core.connections import ConnectionLimits, connection_limit, protocol_class
 from app.main import create_app
 
 logger = logging.getLogger("app")
@@ -48,11 +49,24 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def server_config(app, settings: Settings, **overrides: object) -> uvicorn.Config:  # noqa: ANN001
+    """uvicorn's configuration as `python -m app` serves: httptools with the connection limits of
+    `app.core.connections` (header size and time, MAX_CONNECTIONS), uvloop where installed."""
+    limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout_seconds,
+                              connection_limit(settings.max_connections), app.state.service.metrics)
+    if limits.max_connections <= settings.max_concurrent_requests:
+        logger.warning("MAX_CONNECTIONS (%d after the open-file limit) leaves no room above MAX_CONCURRENT_REQUESTS "
+                       "(%d)", limits.max_connections, settings.max_concurrent_requests)
+    app.state.service.max_connections = limits.max_connections
+    kw: dict = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False,
+                    timeout_graceful_shutdown=5, http=protocol_class(limits))
+    return uvicorn.Config(app, **(kw | overrides))
+
+
 def main() -> int:
     settings = get_settings()
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            access_log=False, timeout_graceful_shutdown=5)
+    config = server_config(app, settings)
     server = DrainingServer(config, app)
     app.state.on_load_failure = lambda: setattr(server, "should_exit", True)
     server.run()

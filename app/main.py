@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -18,8 +19,11 @@ from fastapi import FastAPI
 
 from app.api.deps import ServiceState, check_api_key
 from app.api.routes import classify, generate, health, openai, playground, tokenize
+from app.api.routing import INLINE_JSON_BYTES, Route, off_loop
 from app.core.config import Settings, get_settings
 from app.core.errors import UnauthorizedError, error_response, error_type_for, install_error_handlers
+from app.core.metrics import Metrics
+from app.core.text import lone_surrogate, suspect
 from app.engine.engine import Engine
 from app.engine.loader import LoadCancelledError, one_line
 from app.protocol.chat_template import load_chat_template
@@ -50,6 +54,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         max_total_tokens=s.max_total_tokens, cancel=cancel, prefill_chunk_tokens=s.prefill_chunk_tokens,
         max_batch_prefill_tokens=s.max_batch_prefill_tokens, waiting_served_ratio=s.waiting_served_ratio,
         cuda_graphs=s.cuda_graphs, retry_failed_export=s.retry_failed_export,
+        export_lock_stale_s=s.export_lock_stale_seconds,
     )
     engine.start()
     return engine
@@ -91,15 +96,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("ready in %.1f s: %s", time.perf_counter() - t0, json.dumps(info))
 
     task = asyncio.create_task(load())
+    watch = asyncio.create_task(watch_event_loop(state.metrics))
     try:
         yield
     finally:
+        watch.cancel()
         state.ready = False
         if not task.done():
             cancel.set()  # stops a first-start export child; the loader thread then returns
             await asyncio.wait({task}, timeout=30)
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
+
+
+async def watch_event_loop(metrics: Metrics, period: float = 0.1) -> None:
+    """How late the loop runs a `period` timer: the time some callback held it (a blocking call on
+    the loop stalls every stream). Observed in gpt2_event_loop_lag_seconds; over 0.25 s is logged."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period)
+        lag = max(0.0, loop.time() - t0 - period)
+        metrics.loop_lag.observe(lag)
+        if lag > 0.25:
+            logger.warning("the event loop was blocked for %.2f s", lag)
 
 
 class RequestContextMiddleware:
@@ -131,8 +151,10 @@ class RequestContextMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
-        async def reply(code: int, error_type: str, msg: str) -> None:
-            await error_response(path, code, error_type, msg)(scope, receive, send_with_id)
+        async def reply(code: int, error_type: str, msg: str, param: str | None = None, close: bool = False) -> None:
+            # close: the body was not read to its end, so the connection cannot carry another request
+            headers = {"Connection": "close"} if close else None
+            await error_response(path, code, error_type, msg, headers, param)(scope, receive, send_with_id)
 
         try:
             public = path in PUBLIC_PATHS or (path in PUBLIC_GETS and scope.get("method") in ("GET", "HEAD"))
@@ -142,9 +164,20 @@ class RequestContextMiddleware:
                 except UnauthorizedError as e:
                     return await reply(401, "unauthorized", e.message)
             if scope.get("method") in ("POST", "PUT", "PATCH"):
-                body, too_large = await _read_body(receive, s.max_body_bytes, headers.get("content-length"))
-                if too_large:
-                    return await reply(413, "validation", f"request body exceeds {s.max_body_bytes} bytes")
+                try:
+                    body = await read_body(receive, self.state, headers.get("content-length"))
+                except BodyRefusedError as e:
+                    return await reply(e.status, e.error_type, e.message, close=True)
+                except ClientGoneError:
+                    status["code"] = 499  # nothing runs: counted apart from bad input, as nginx's 499
+                    return
+                bad = None
+                if suspect(body):  # the one rule where text enters (app.core.text)
+                    bad = lone_surrogate(body) if len(body) <= INLINE_JSON_BYTES else await off_loop(lone_surrogate,
+                                                                                                      body)
+                if bad is not None:
+                    return await reply(422, "validation", f"{bad[0]}: {bad[1]}", param=bad[0])
+                scope["state"]["raw_body"] = body  # for the error handler's not-UTF-8 check
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)
         finally:
@@ -164,22 +197,60 @@ class RequestContextMiddleware:
                 }))
 
 
-async def _read_body(receive: Callable, limit: int, content_length: str | None) -> tuple[bytes, bool]:
+class BodyRefusedError(Exception):
+    """A request body the server will not take; answered with `status` and the connection closed."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.message = status, error_type, message
+
+
+class ClientGoneError(Exception):
+    """The client closed the connection before its body was whole: nothing is run or answered."""
+
+
+if sys.version_info >= (3, 11):
+    async def _receive_within(receive: Callable, seconds: float) -> dict:
+        async with asyncio.timeout(seconds):
+            return await receive()
+else:  # pragma: no cover
+    async def _receive_within(receive: Callable, seconds: float) -> dict:
+        return await asyncio.wait_for(receive(), seconds)
+
+
+async def read_body(receive: Callable, state: ServiceState, content_length: str | None) -> bytes:
+    """The whole request body, or `BodyRefusedError` (413 over MAX_BODY_BYTES, 408 when it stalls for
+    BODY_TIMEOUT_SECONDS, 503 when the bodies being received on all connections together would pass
+    MAX_PENDING_BODY_BYTES) or `ClientGoneError` (the client closed before its Content-Length was sent)."""
+    s = state.settings
+    limit = s.max_body_bytes
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        return b"", True
+        raise BodyRefusedError(413, "validation", f"request body exceeds MAX_BODY_BYTES ({limit} bytes)")
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return b"", True
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks), False
+    try:
+        while True:
+            try:
+                message = await _receive_within(receive, s.body_timeout_seconds)
+            except TimeoutError:
+                raise BodyRefusedError(408, "validation", f"the request body stalled: nothing arrived for "
+                                                     f"BODY_TIMEOUT_SECONDS ({s.body_timeout_seconds:g} s)") from None
+            if message["type"] != "http.request":  # http.disconnect before the last chunk
+                raise ClientGoneError
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefusedError(413, "validation", f"request body exceeds MAX_BODY_BYTES ({limit} bytes)")
+                chunks.append(chunk)
+                state.pending_body_bytes += len(chunk)
+                if state.pending_body_bytes > s.max_pending_body_bytes:
+                    raise BodyRefusedError(503, "unavailable", f"the server holds MAX_PENDING_BODY_BYTES "
+                                                          f"({s.max_pending_body_bytes}) of request bodies being "
+                                                          f"received; retry later")
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    finally:
+        state.pending_body_bytes -= sum(len(c) for c in chunks)
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:
@@ -209,6 +280,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     install_error_handlers(app)
     for module in (generate, classify, openai, tokenize, health, playground):
+        if module.router.route_class is not Route:  # big JSON bodies are parsed off the event loop there
+            raise TypeError(f"{module.__name__}.router must be made with app.api.routing.api_router")
         app.include_router(module.router)
     # Metric labels use known paths only; the OpenAPI schema is the public list of them.
     state.route_paths = set(app.openapi()["paths"]) | {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}

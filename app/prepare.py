@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     for task, path in jobs:
         try:
             onnx, _ = ensure_export(path, task, resolve_precision(s.precision, device), s.onnx_cache_dir, device,
-                                    retry_failed=args.retry_failed or s.retry_failed_export)
+                                    retry_failed=args.retry_failed or s.retry_failed_export,
+                                    lock_stale_s=s.export_lock_stale_seconds)
         except Exception as e:  # a CLI: say what failed and exit non-zero
             logger.error("%s export of %s failed: %s", task, path, e)
             return 1

@@ -96,8 +96,8 @@ def _zero_cost_runner(vocab: int, n_positions: int, token_id: int, max_rows: int
 
 def serve(port: int, max_rows: int, loop: str = "auto", http: str = "auto") -> None:
     """Run the real app with the zero-cost runner on 127.0.0.1:`port` until SIGTERM. `loop` and
-    `http` are uvicorn's: "auto" (what `python -m app` uses) picks uvloop and httptools when
-    installed; "asyncio" / "h11" measure the pure-Python ones."""
+    `http` are uvicorn's: "auto" serves as `python -m app` does (uvloop where installed, and
+    httptools with the app's connection limits); "asyncio" / "h11" measure the pure-Python ones."""
     import threading
 
     import uvicorn
@@ -124,8 +124,16 @@ def serve(port: int, max_rows: int, loop: str = "auto", http: str = "auto") -> N
 
     app_main._load_engine = load_zero_cost  # the one swap: the model, nothing on the serving path
     app = app_main.create_app(settings)
-    uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                                  loop=loop, http=http)).run()
+    try:  # what `python -m app` serves: its connection limits on httptools (issue 20)
+        from app.__main__ import server_config
+    except ImportError:  # a checkout from before it (--server-repo)
+        server_config = None
+    if server_config is not None and http == "auto":
+        config = server_config(app, settings, log_level="warning", loop=loop)
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop,
+                                http=http)
+    uvicorn.Server(config).run()
 
 
 # ---- the client side ------------------------------------------------------------------------

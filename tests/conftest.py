@@ -3,6 +3,7 @@ from a `GPT2Config` (never downloaded), with the real GPT-2 BPE files beside the
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,29 @@ def _cuda_available() -> bool:
     except ImportError:
         pass
     return torch.cuda.is_available()
+
+
+def require(*commands: str, packages: str, paths: tuple[Path, ...] = ()) -> None:
+    """Skip the running test when a system component it needs is missing, naming the Debian
+    packages, or fail it under CI=true: `.ci/run` installs them, so a missing one there is a
+    broken CI, not a reason to test less (issue 20). GPU tests are the exception (marker `cuda`)."""
+    missing = [c for c in commands if shutil.which(c) is None] + [str(p) for p in paths if not Path(p).exists()]
+    if not missing:
+        return
+    reason = f"needs {', '.join(missing)}: apt-get install {packages}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and {reason} (.ci/run installs it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs(*commands: str, packages: str, paths: tuple[Path, ...] = ()) -> pytest.MarkDecorator:
+    """Mark a test (or a module, as `pytestmark`) that needs system components; see `require`."""
+    return pytest.mark.needs(commands=commands, packages=packages, paths=paths)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("needs"):
+        require(*mark.kwargs["commands"], packages=mark.kwargs["packages"], paths=mark.kwargs.get("paths", ()))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

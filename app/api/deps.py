@@ -30,6 +30,8 @@ class ServiceState:
     in_flight: int = 0
     started: float = field(default_factory=time.time)
     route_paths: set[str] = field(default_factory=set)
+    pending_body_bytes: int = 0  # bytes of request bodies being received (MAX_PENDING_BODY_BYTES)
+    max_connections: int | None = None  # MAX_CONNECTIONS as served (after the open-file limit)
 
     def check_ready(self) -> None:
         """Raise `UnavailableError` (503) while loading, after a failed load, or while draining."""

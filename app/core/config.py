@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     onnx_cache_dir: Path = Field(Path(".onnx_cache"), description="exports are made once and reused from here")
     retry_failed_export: bool = Field(False, description="re-run an export that already failed with the same "
                                                          "checkpoint, options and exporter version")
+    export_lock_stale_seconds: float = Field(30.0, gt=0, description="an export lock in ONNX_CACHE_DIR whose holder "
+                                                                      "has not touched it for this long is taken over")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)
     max_input_tokens: int = Field(512, ge=1)
@@ -54,6 +56,17 @@ class Settings(BaseSettings):
     model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")
     api_key: str | None = Field(None, description="when set, every route but /health and /metrics needs it")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    # Connections (issue 20): bounds on what a client can hold before its request is whole.
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="request line + headers; more is 431, closed")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="the whole request head must arrive within this; "
+                                                                  "then 408 (or a plain close if nothing came)")
+    body_timeout_seconds: float = Field(10.0, gt=0, description="longest pause between two reads of a request "
+                                                                "body; then 408 and close")
+    max_connections: int = Field(2048, ge=1, description="open connections; more get 503 at once. Lowered to fit "
+                                                         "the open-file limit")
+    max_pending_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bytes held in request bodies not yet "
+                                                                               "whole, all connections together; "
+                                                                               "past it 503")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM waits for in-flight requests")
 
     @field_validator("classifier_path", "api_key", "model_id", "chat_template", mode="before")
@@ -66,6 +79,9 @@ class Settings(BaseSettings):
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(f"MAX_INPUT_TOKENS ({self.max_input_tokens}) must be < MAX_TOTAL_TOKENS "
                              f"({self.max_total_tokens})")
+        if self.max_pending_body_bytes < self.max_body_bytes:
+            raise ValueError(f"MAX_PENDING_BODY_BYTES ({self.max_pending_body_bytes}) must be >= MAX_BODY_BYTES "
+                             f"({self.max_body_bytes})")
         return self
 
 

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.text import not_utf8
 from app.engine.engine import EngineUnavailableError, InputError
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ class PayloadTooLargeError(ServiceError):
     error_type = "validation"
 
 
+# 499 (nginx's "client closed request"): the client left before its request was whole; no answer is
+# sent, the label keeps it apart from bad input in gpt2_failures_total.
 _HTTP_TYPES = {404: "not_found", 405: "not_found", 401: "unauthorized", 413: "validation", 429: "overloaded",
-               503: "unavailable"}
+               499: "client_closed", 503: "unavailable"}
 
 
 def error_type_for(status: int) -> str:
@@ -100,9 +103,11 @@ _OPENAI: dict[int, tuple[int, str, str | None]] = {
     401: (401, "invalid_request_error", "invalid_api_key"),
     404: (404, "invalid_request_error", None),
     405: (405, "invalid_request_error", None),
+    408: (408, "invalid_request_error", "request_timeout"),
     413: (413, "invalid_request_error", "request_too_large"),
     422: (400, "invalid_request_error", None),
     429: (429, "requests", "rate_limit_exceeded"),
+    431: (431, "invalid_request_error", "request_header_fields_too_large"),
     503: (503, "server_error", "service_unavailable"),
 }
 
@@ -183,6 +188,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's JSON parser met bytes that are not UTF-8: name the field (app.core.text)
+            bad = not_utf8(getattr(request.state, "raw_body", b""))
+            if bad is not None:
+                return error_response(request.url.path, 422, "validation", f"{bad[0]}: {bad[1]}", param=bad[0])
+            return error_response(request.url.path, 422, "validation", "body: is not UTF-8 JSON", param="body")
         error_type = error_type_for(exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:

@@ -23,6 +23,11 @@ class Metrics:
         self.in_flight = Gauge("gpt2_requests_in_flight", "requests being served", registry=r)
         self.input_tokens = Counter("gpt2_input_tokens_total", "prompt tokens", ["task"], registry=r)
         self.generated_tokens = Counter("gpt2_generated_tokens_total", "generated tokens", registry=r)
+        self.connections = Gauge("gpt2_connections_open", "open client connections", registry=r)
+        self.connections_closed = Counter("gpt2_connections_closed_total", "connections the server cut before a "
+                                          "request was whole, by reason", ["reason"], registry=r)
+        self.loop_lag = Histogram("gpt2_event_loop_lag_seconds", "how late the event loop ran a 100 ms timer",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
         self.failures = Counter("gpt2_failures_total", "failed requests by error type", ["error_type"], registry=r)
         self.kv_bytes = Gauge("gpt2_kv_cache_bytes", "KV cache memory: reserved by the runner's buffers, and in "
                                                      "use by the tokens held", ["kind"], registry=r)

@@ -7,14 +7,17 @@ the caller's side, so bad input fails fast with an `InputError` naming the field
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +27,30 @@ from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, Schedu
 from model.tokenizer import GPT2Tokenizer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Texts up to this many characters are tokenized on the event loop (well under a millisecond);
+# longer ones in the engine's worker threads, with the GIL released (`GPT2Tokenizer.encode_nogil`).
+INLINE_TOKENIZE_CHARS = 2048
+WORKER_NICE = 10  # the workers' scheduling priority below the event loop and the scheduler thread
+
+
+def _worker_threads() -> int:
+    """Half the cores this process may use, 1 to 4: big texts must not take every core from the
+    scheduler thread (TGI keeps its tokenizers in a small worker pool for the same reason)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        cores = os.cpu_count() or 2
+    return max(1, min(4, cores // 2))
+
+
+def _lower_priority() -> None:
+    """Run this worker thread at a lower priority (Linux: threads are tasks with their own nice),
+    so a 2 MB tokenization yields the CPU to the streams being served."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICE))
 
 
 class InputError(ValueError):
@@ -67,6 +94,9 @@ class Engine:
             self.labels = _id2label(classification.checkpoint, probe.shape[-1])
         self.context_length = generation.runner.info.n_positions if generation else 0
         self.vocab_size = generation.runner.info.vocab_size if generation else 0
+        # Work on big request texts (tokenizing, offsets, their JSON) runs here, off the event loop.
+        self._workers = ThreadPoolExecutor(_worker_threads(), thread_name_prefix="request-worker",
+                                           initializer=_lower_priority)
         self.scheduler = Scheduler(
             generation.runner if generation else None, self.tokenizer,
             classification.runner if classification else None, max_batch_size, max_batch_total_tokens,
@@ -82,11 +112,12 @@ class Engine:
              max_input_tokens: int | None = None, max_total_tokens: int | None = None,
              cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
              max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
-             score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False) -> Engine:
+             score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False,
+             export_lock_stale_s: float = 30.0) -> Engine:
         """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
         kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
                   cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
-                  retry_failed_export=retry_failed_export)
+                  retry_failed_export=retry_failed_export, lock_stale_s=export_lock_stale_s)
         gen = load("generate", model_path, **kw) if model_path else None
         clf = load("classify", classifier_path, **kw) if classifier_path else None
         return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
@@ -137,9 +168,55 @@ class Engine:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self._workers.shutdown(wait=False, cancel_futures=True)
         for loaded in (self.generation, self.classification):
             if loaded:
                 loaded.runner.close()
+
+    # ---- tokenizing, off the event loop ---------------------------------------------------------
+    async def encode(self, text: str, field: str = "inputs", limit: int | None = None, limit_name: str = "",
+                     tokenizer: GPT2Tokenizer | None = None) -> list[int]:
+        """Token ids of `text` without blocking the event loop. With a `limit`, a text that cannot
+        fit it is refused from its length alone, before tokenizing (`GPT2Tokenizer.min_tokens`: a
+        1.9 MB prompt took 0.8 s to tokenize only to be refused). Long texts are tokenized in the
+        engine's tokenizer threads."""
+        tok = tokenizer or self.tokenizer
+        if tok is None:
+            raise EngineUnavailableError("no generation model is loaded")
+        if limit is not None and tok.min_tokens(text) > limit:
+            raise InputError(field, f"{len(text)} characters cannot fit in {limit_name or 'the limit'} ({limit} "
+                                    f"tokens): a token covers at most {tok.max_token_bytes} characters")
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return tok.encode(text)
+        return await self.offload(tok.encode_nogil, text)
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the engine's worker threads (few, at a lower priority): for CPU work on a
+        big request (tokenizing, offsets, a big JSON answer) that must not hold the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
+    def prompt_limit(self) -> tuple[int, str]:
+        """The most prompt tokens a generation request may have (a score-only request may fill
+        the context), and the setting that says so; `prepare` then checks the exact limits."""
+        limits = [(self.context_length, "the model's context")]
+        if self.max_total_tokens is not None:
+            limits.append((self.max_total_tokens, "MAX_TOTAL_TOKENS"))
+        if self.max_input_tokens is not None:
+            limits.append((self.max_input_tokens, "MAX_INPUT_TOKENS"))
+        return min(limits)
+
+    async def prepare_async(self, inputs: str | list[int], max_new_tokens: int,
+                            params: SamplingParams | None = None, stop: list[str] | None = None,
+                            logprobs: int | None = None, prompt_logprobs: int | None = None,
+                            truncate: int | None = None) -> GenerationRequest:
+        """`prepare` for the HTTP routes: the prompt is refused by its length when it cannot fit
+        (unless it is to be truncated), and a long one is tokenized off the event loop."""
+        if self.generation is None:
+            raise EngineUnavailableError("no generation model is loaded")
+        if isinstance(inputs, str):
+            limit = self.prompt_limit() if truncate is None else (None, "")
+            inputs = await self.encode(inputs, "inputs", *limit)
+        return self.prepare(inputs, max_new_tokens, params, stop, logprobs, prompt_logprobs, truncate)
 
     # ---- generation --------------------------------------------------------------------------
     def limits(self) -> dict[str, int | None]:
@@ -231,8 +308,8 @@ class Engine:
         limit = min(max_tokens or self.max_input_tokens or 1024, self.classification.runner.n_positions)
         prompts = []
         for i, text in enumerate(texts):
-            ids = self.cls_tokenizer.encode(text)
             field = "inputs" if len(texts) == 1 else f"inputs[{i}]"
+            ids = await self.encode(text, field, None if truncate else limit, "the limit", self.cls_tokenizer)
             if not ids:
                 raise InputError(field, "must not be empty")
             if len(ids) > limit:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine import export_memory, memory_fit
+from app.engine import export_child, export_lock, export_memory, memory_fit
 from export import manifest as mf
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,14 @@ def failure_report_path(export_dir: Path) -> Path:
 
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
                   cancel: threading.Event | None = None, retry_failed: bool = False,
-                  attention: str | None = None) -> tuple[Path, bool]:
+                  attention: str | None = None,
+                  lock_stale_s: float = export_lock.STALE_AFTER_S) -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
-    exporting it if the cache has none. An export that already failed with the same checkpoint,
-    options and exporter version is not re-run unless `retry_failed` (`export_memory`)."""
+    exporting it if the cache has none. One process exports an entry at a time; the others wait
+    for it and use its export (`export_lock`, EXPORT_LOCK_STALE_SECONDS). An export that already
+    failed with the same checkpoint, options and exporter version is not re-run unless
+    `retry_failed` (`export_memory`); that is checked under the lock, so a process that waited for
+    a failing export does not run it again."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
     attention = attention or attention_for(task, device, precision)
     final = cache_dir / cache_key(sha, task, precision, attention)
@@ -169,9 +173,19 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
                                 failed.get("manifest"))
     memory_fit.check(checkpoint, memory_fit.export_need(checkpoint), "exporting it to ONNX")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
-    logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
+    # One exporter per entry, across replicas sharing the cache; dead exports' leftovers go first.
+    lock = export_lock.ExportLock(cache_dir, final.name, lock_stale_s)
+    if not lock.acquire(cancel):
+        raise LoadCancelledError("export cancelled: shutting down")
+    tmp = lock.tmp
     try:
+        if lock.waited_s and final.exists() and _valid(final, sha) is None:
+            logger.info("another process exported %s while this one waited %.0f s; using it", final, lock.waited_s)
+            return final / mf.MODEL_FILE, True
+        if lock.waited_s and not retry_failed and (failed := export_memory.remembered(report)) is not None:
+            raise ExportFailedError(export_memory.describe(failed, report), failed.get("output", ""),
+                                    failed.get("manifest"))
+        logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
         try:
             _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
         except ExportFailedError as e:
@@ -187,6 +201,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
             logger.info("another process wrote %s first; using it", final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     return final / mf.MODEL_FILE, False
 
 
@@ -220,12 +235,14 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
     """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
     server process, and the tracer never shares the interpreter with the event loop's threads.
     Setting `cancel` stops the child (a shutdown during a first-start export)."""
-    cmd = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--task", task, "--out", str(out),
-           "--precision", precision, "--attention", attention]
+    # `python -m export` that the kernel kills if this process dies (export_child: PR_SET_PDEATHSIG)
+    cmd = [sys.executable, "-m", "app.engine.export_child", "--checkpoint", str(checkpoint), "--task", task,
+           "--out", str(out), "--precision", precision, "--attention", attention]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]
     with tempfile.TemporaryFile() as log:  # stdout (the summary table) and stderr, interleaved
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                env={**os.environ, export_child.PARENT_ENV: str(os.getpid())})
         while True:
             try:
                 proc.wait(timeout=0.2)
@@ -246,13 +263,15 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
 
 
 def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
-              cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool) -> Loaded:
+              cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool,
+              lock_stale_s: float) -> Loaded:
     from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
 
     attention = attention_for(task, dev, precision)
     note = None
     try:
-        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention)
+        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
+                                        lock_stale_s)
     except ExportFailedError as e:
         if not (dev == "cuda" and attention == "gqa") or cuda_graphs == "on":
             raise
@@ -260,7 +279,8 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
         note = f"GroupQueryAttention graph not used ({one_line(e)}); standard graph, no CUDA graphs"
         logger.warning("%s", note)
         attention = "standard"
-        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention)
+        path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
+                                        lock_stale_s)
     n_positions = _context_length(path)
     if task != "generate":
         runner = OrtClassificationRunner(path, dev, num_threads, n_positions=n_positions)
@@ -283,11 +303,12 @@ def _context_length(onnx_path: Path) -> int:
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
          cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto",
-         retry_failed_export: bool = False) -> Loaded:
+         retry_failed_export: bool = False, lock_stale_s: float = export_lock.STALE_AFTER_S) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION.
     `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
     is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up);
-    `retry_failed_export` re-runs an export that failed before (`export_memory`)."""
+    `retry_failed_export` re-runs an export that failed before (`export_memory`); `lock_stale_s`:
+    when another process's export lock counts as dead (`export_lock`)."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
     precision = resolve_precision(precision, dev)
@@ -303,7 +324,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                 raise SettingRefusedError(f"CUDA_GRAPHS=on needs DEVICE=cuda and PRECISION=fp16 "
                                           f"(this start resolved to {dev}, {precision})")
             return _load_ort(task, checkpoint, dev, precision, cache_dir, num_threads, cancel, max_batch_size,
-                             cuda_graphs, retry_failed_export)
+                             cuda_graphs, retry_failed_export, lock_stale_s)
         except (LoadCancelledError, SettingRefusedError):
             raise
         except Exception as e:

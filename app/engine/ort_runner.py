@@ -12,6 +12,7 @@ steps) moves the cache through the host.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 from collections.abc import Sequence
@@ -38,6 +39,19 @@ from app.engine.runner import (
 from export.providers import CUDA, providers_for
 
 logger = logging.getLogger(__name__)
+
+def trim_heap() -> None:
+    """glibc's malloc_trim: return the heap's free pages to the system. Freed KV buffers of a few
+    MB come back to the heap rather than to the system once glibc has raised its mmap threshold
+    (it does after the first large free), so without this the memory a burst used stayed resident
+    at rest (measured: 926 MiB after a burst against 657 before it, GPT-2 124M). No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 SELECT_INPUTS = ("logits_index", "target_ids", "temperature", "top_n")
@@ -198,6 +212,8 @@ class OrtSlotRunner(GenerationRunner):
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros((0,), np.int64)  # (B,) tokens in each row's cache
         self.chunk_done = 0  # tokens of a chunked prefill in progress in the extra row
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._grow(*self.first_size)
         logger.info("ONNX Runtime GQA generation runner on cpu, %d layers, kv %s, KV buffers growing to %d positions",
                     self.info.n_layer, np.dtype(self.kv_dtype).name, n_positions)
@@ -214,29 +230,41 @@ class OrtSlotRunner(GenerationRunner):
                 "in_use": per_token * (int(self.lengths.sum()) + self.chunk_done)}
 
     def _grow(self, rows: int, width: int) -> None:
-        """Room for `rows` rows of `width` positions (doubling, the width capped at the context)."""
+        """Room for `rows` rows of `width` positions: rows double, the width grows by half (a
+        burst of 32-token prompts and 64 new tokens then fits 96 positions, not 128), capped at the
+        context."""
         if rows <= self.capacity and width <= self.width:
             return
         cap = max(rows, 2 * self.capacity) if rows > self.capacity else self.capacity
-        wide = min(self.info.n_positions, max(width, 2 * self.width)) if width > self.width else self.width
+        wide = self.width
+        if width > self.width:
+            wide = min(self.info.n_positions, max(width, self.width + self.width // 2))
         self._realloc(cap, wide)
 
     def _realloc(self, cap: int, wide: int) -> None:
+        """New buffers, one layer and kind at a time, so the old and the new coexist for one of
+        them, not for the whole cache."""
         shape = (cap + 1, self.info.n_head, wide, self.info.head_dim)
-        n, filled = self.num_rows, int(self.lengths.max(initial=0))
-        new = []
-        for old in self.bufs or [None] * len(self.past_names):
+        n = self.num_rows
+        filled = min(wide, int(self.lengths.max(initial=0)))
+        if not self.bufs:
+            self.bufs = [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
+            self.capacity, self.width = cap, wide
+            return
+        for i, old in enumerate(self.bufs):
             buf = np.zeros(shape, self.kv_dtype)
-            if old is not None:
-                buf[:n, :, :filled] = old[:n, :, :filled]
-                buf[cap, :, :self.chunk_done] = old[self.capacity, :, :self.chunk_done]  # a chunked prefill
-            new.append(buf)
-        self.bufs, self.capacity, self.width = new, cap, wide
+            buf[:n, :, :filled] = old[:n, :, :filled]
+            buf[cap, :, :self.chunk_done] = old[self.capacity, :, :self.chunk_done]  # a chunked prefill
+            self.bufs[i] = buf
+            del old
+        self.capacity, self.width = cap, wide
 
     def _release_if_idle(self) -> None:
-        """With no row and no chunked prefill, go back to the first (small) buffers."""
+        """With no row and no chunked prefill, go back to the first (small) buffers, and hand the
+        freed memory back to the system."""
         if not self.num_rows and not self.chunk_done and (self.capacity, self.width) != self.first_size:
             self._realloc(*self.first_size)
+            trim_heap()
 
     def _run(self, ids: np.ndarray, pos: np.ndarray, seqlens_k: np.ndarray, rows: slice,
              sel: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -255,7 +283,10 @@ class OrtSlotRunner(GenerationRunner):
         for past, present, view in zip(self.past_names, self.present_names, views, strict=True):
             binding.bind_ortvalue_input(past, view)
             binding.bind_ortvalue_output(present, view)
-        self.sess.run_with_iobinding(binding)
+        # A prompt call's activations (tokens x hidden, x MLP width) grow ONNX Runtime's CPU arena,
+        # which keeps what it grew; giving it back after each prompt call keeps memory at rest
+        # near the weights. Decode steps need little and reuse it.
+        self.sess.run_with_iobinding(binding, self._shrink if ids.shape[1] > 1 else None)
         return [o.numpy() for o in binding.get_outputs()[:4]]
 
     def _check_room(self, lengths: np.ndarray) -> None:

@@ -278,9 +278,9 @@ def candidates(body: SamplingFields) -> tuple[int, int]:
     return n, best_of
 
 
-def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[int], max_tokens: int, best_of: int,
-                field: str, max_best_of: int, logprobs: int | None = None,
-                prompt_logprobs: int | None = None) -> list[GenerationRequest]:
+async def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[int], max_tokens: int, best_of: int,
+                      field: str, max_best_of: int, logprobs: int | None = None,
+                      prompt_logprobs: int | None = None) -> list[GenerationRequest]:
     """The `best_of` engine requests of one prompt, candidate j seeded with seed + j (as vLLM). `field`
     names the prompt in errors (`prompt`, `prompt[2]`, `messages`). `logprobs`: alternatives per
     generated token; `prompt_logprobs`: score the prompt (each candidate scores it)."""
@@ -297,8 +297,8 @@ def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[int], m
         truncate = engine.limits()["max_input_tokens"]
     seeds = [None if body.seed is None else body.seed + j for j in range(best_of)]
     try:
-        first = engine.prepare(prompt, max_tokens, sampling_params(body, engine, seeds[0]), body.stops,
-                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, truncate=truncate)
+        first = await engine.prepare_async(prompt, max_tokens, sampling_params(body, engine, seeds[0]), body.stops,
+                                           logprobs=logprobs, prompt_logprobs=prompt_logprobs, truncate=truncate)
     except InputError as e:  # name the field as this API spells it
         name = {"inputs": field, "max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}.get(e.field, e.field)
         message = str(e).split(": ", 1)[1].replace("inputs (", "prompt (").replace("max_new_tokens", "max_tokens")

@@ -151,7 +151,8 @@ def sampling_params(p: GenerateParameters) -> SamplingParams:
                           relative_frequency_penalty=p.frequency_penalty or 0.0, typical_p=p.typical_p)
 
 
-def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream: bool) -> list[GenerationRequest]:
+async def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream: bool,
+                      ) -> list[GenerationRequest]:
     """The engine requests of one TGI request: one, or `best_of` with their own random seeds.
     Raises `InputError` naming the parameter (TGI's checks and messages)."""
     p = body.parameters
@@ -175,8 +176,8 @@ def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, stream:
                                                     f"Given: {p.top_n_tokens}")
     # The prompt is scored only when its scores are returned (details), and by one of the best_of sequences.
     score = 0 if p.decoder_input_details and p.details else None
-    req = engine.prepare(body.inputs, p.max_new_tokens, sampling_params(p), p.stop, logprobs=p.top_n_tokens or None,
-                         prompt_logprobs=score, truncate=p.truncate)
+    req = await engine.prepare_async(body.inputs, p.max_new_tokens, sampling_params(p), p.stop,
+                                     logprobs=p.top_n_tokens or None, prompt_logprobs=score, truncate=p.truncate)
     return [req] + [dataclasses.replace(req, params=dataclasses.replace(req.params), prompt_logprobs=None)
                     for _ in range(best_of - 1)]
 

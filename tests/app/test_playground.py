@@ -10,14 +10,13 @@ import httpx
 import pytest
 
 from tests.app.conftest import API_KEY, Server
+from tests.conftest import needs
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "playground.png"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="needs the Debian packages `chromium` and `chromium-driver` (apt-get install chromium chromium-driver)")
+needs_chromium = needs("chromium", "chromedriver", packages="chromium chromium-driver")
 
 PROMPT = "The weather today is"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

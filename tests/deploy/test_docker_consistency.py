@@ -4,7 +4,6 @@ here, so the files are checked as data, and what they run is run for real elsewh
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from app.core.config import Settings
+from tests.conftest import require
 from tests.deploy.dockerfile import parse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,8 +143,7 @@ def test_haproxy_config_is_valid_and_checks_health() -> None:
     assert "option httpchk GET /health" in text and "http-check expect status 200" in text
     assert re.search(r"^\s*retry-on .*\bempty-response\b.*\b503\b", text, re.M)
     assert "option http-buffer-request" in text  # without it, requests in flight on a dead replica are not replayed
-    if shutil.which("haproxy") is None:
-        pytest.skip("haproxy -c needs HAProxy: apt-get install haproxy")
+    require("haproxy", packages="haproxy")  # haproxy -c
     r = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -27,6 +26,7 @@ import httpx
 import pytest
 
 from tests.app.conftest import free_port
+from tests.conftest import needs
 from tests.deploy.cluster import REPO, wait_until
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ pytestmark = [
     pytest.mark.image,
     pytest.mark.skipif(os.environ.get("GPT2_IMAGE_TEST") != "1",
                        reason="image build + run takes minutes: run `make image-test` (GPT2_IMAGE_TEST=1)"),
-    pytest.mark.skipif(shutil.which("podman") is None or shutil.which("runc") is None,
-                       reason="needs podman: apt-get install podman runc debootstrap"),
+    needs("podman", "runc", "debootstrap", packages="podman runc debootstrap"),
 ]
 
 

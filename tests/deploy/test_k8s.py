@@ -6,7 +6,6 @@ GPU requests only in the gpu overlay, the ONNX cache on a volume."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,14 +15,15 @@ import yaml
 
 from app.core.config import Settings
 from app.core.metrics import Metrics
+from tests.conftest import needs
 from tests.deploy.dockerfile import parse
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 KUBE_VERSION = "1.32.0"  # a version the offline schemas carry; the manifests use only GA APIs
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                reason="needs kubectl for `kubectl kustomize` (Debian: kubernetes-client)")
+pytestmark = needs("kubectl", packages="kubectl (this machine kind has it; Debian's kubernetes-client 1.20 is too old "
+                                 "for these kustomizations)")
 
 
 def render(overlay: str) -> list[dict]:

@@ -11,7 +11,8 @@ steady load from `loadtest`, over 127.0.0.1:
 - `kill -9` under streaming load: only streams in flight on the killed replica may fail (their
   answer had started, so it cannot be replayed).
 
-Needs HAProxy (Debian package `haproxy`); skipped without it. Marked slow: about 3.5 minutes.
+Needs HAProxy (Debian package `haproxy`); skipped without it, failed without it under CI=true. Marked
+slow: about 4 minutes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,13 +29,10 @@ from pathlib import Path
 import pytest
 
 from tests.app.conftest import free_port
+from tests.conftest import needs
 from tests.deploy.cluster import REPO, Balancer, Replica, haproxy_config, run_load, wait_until
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("haproxy") is None,
-                       reason="needs HAProxy: apt-get install haproxy (Debian package `haproxy`)"),
-]
+pytestmark = [pytest.mark.slow, needs("haproxy", packages="haproxy")]
 
 logger = logging.getLogger(__name__)
 REPLICAS = 3
@@ -128,7 +125,7 @@ def test_kill_9_loses_no_request_and_load_spreads(cluster, tmp_path: Path) -> No
 def test_rolling_restart_loses_no_request(cluster, tmp_path: Path) -> None:
     lb, replicas = cluster
     plain, streamed = tmp_path / "plain.json", tmp_path / "stream.json"
-    duration = 50.0
+    duration = 75.0  # outlasts the restart of all three: 47 s were seen on the 2 shared cores under load
     loads = [run_load(lb.url, plain, duration=duration, concurrency=3),
              run_load(lb.url, streamed, duration=duration, concurrency=3, stream=True, max_new_tokens=48)]
     t0 = time.monotonic()

@@ -24,6 +24,7 @@ from model.train_demo import (
     read_fortunes,
     split_fortunes,
 )
+from tests.conftest import needs
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "model" / "demo"
@@ -33,9 +34,7 @@ MAX_BYTES = 40 * 10**6
 EOS = 50256
 # A small corpus in the `fortunes` format that ships with the tests, so training runs without the package.
 CORPUS = Path(__file__).resolve().parent / "data" / "fortunes"
-needs_fortunes = pytest.mark.skipif(not FORTUNES_DIR.is_dir(),
-                                    reason=f"needs the Debian package `fortunes` ({FORTUNES_DIR} not found; "
-                                           "apt-get install fortunes)")
+needs_fortunes = needs(packages="fortunes", paths=(FORTUNES_DIR,))
 
 SENTENCES = [
     "The computer is down again, so we went out for lunch.",

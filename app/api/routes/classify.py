@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from app.api.deps import StateDep
 from app.api.routes.generate import ERRORS, until_disconnect
+from app.api.routing import api_router
 from app.schemas import ClassifyRequest, LabelScore
 
-router = APIRouter(tags=["classification"])
+router = api_router(tags=["classification"])
 
 
 @router.post("/classify", response_model=list[LabelScore] | list[list[LabelScore]], responses=ERRORS)

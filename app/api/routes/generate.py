@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ServiceState, StateDep
+from app.api.routing import api_router
 from app.core.errors import ClientDisconnectedError, classify_exception, stream_error
 from app.engine.engine import InputError
 from app.engine.scheduler import Finish, GenerationRequest, StreamEvent
@@ -33,7 +34,7 @@ from app.protocol.tgi import (
 from app.schemas import ErrorResponse
 
 logger = logging.getLogger(__name__)
-router = APIRouter(tags=["generation"])
+router = api_router(tags=["generation"])
 T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -112,9 +113,10 @@ async def run_generation(state: ServiceState, request: Request, req: GenerationR
     raise RuntimeError("generation ended without a finish event")  # pragma: no cover
 
 
-def prepare(state: ServiceState, body: GenerateRequest, stream: bool = False) -> list[GenerationRequest]:
-    """The engine requests of a TGI request: one, or `best_of` (app.protocol.tgi)."""
-    return to_requests(state.engine, body, state.settings.max_best_of, stream)
+async def prepare(state: ServiceState, body: GenerateRequest, stream: bool = False) -> list[GenerationRequest]:
+    """The engine requests of a TGI request: one, or `best_of` (app.protocol.tgi); a long prompt is
+    tokenized off the event loop."""
+    return await to_requests(state.engine, body, state.settings.max_best_of, stream)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=ERRORS)
@@ -123,7 +125,7 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
     the highest mean token log-probability; the others in `details.best_of_sequences` (TGI)."""
     state.acquire()
     try:
-        reqs = prepare(state, body)
+        reqs = await prepare(state, body)
         finishes = await until_disconnect(request, _gather([run_generation(state, request, r) for r in reqs]))
     finally:
         state.release()
@@ -175,7 +177,7 @@ async def generate_stream(body: GenerateRequest, request: Request, state: StateD
         raise InputError("parameters.decoder_input_details", "true is not supported when streaming tokens")
     state.acquire()
     try:
-        [req] = prepare(state, body, stream=True)
+        [req] = await prepare(state, body, stream=True)
     except BaseException:
         state.release()
         raise

@@ -5,15 +5,15 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import StateDep
 from app.api.routes.generate import ERRORS
+from app.api.routing import api_router
 from app.schemas import HealthResponse
 
-router = APIRouter(tags=["service"])
+router = api_router(tags=["service"])
 
 
 def version() -> str:
@@ -50,7 +50,10 @@ async def info(state: StateDep) -> dict[str, Any]:
             "max_best_of": s.max_best_of,
             "max_batch_size": s.max_batch_size, "max_batch_total_tokens": s.max_batch_total_tokens,
             "max_concurrent_requests": s.max_concurrent_requests, "max_body_bytes": s.max_body_bytes,
-            "max_stop_sequences": 4,
+            "max_stop_sequences": 4, "max_header_bytes": s.max_header_bytes,
+            "header_timeout_seconds": s.header_timeout_seconds, "body_timeout_seconds": s.body_timeout_seconds,
+            "max_connections": state.max_connections or s.max_connections,
+            "max_pending_body_bytes": s.max_pending_body_bytes,
         },
         "settings": {"backend": s.backend, "device": s.device, "precision": s.precision,
                      "retry_failed_export": s.retry_failed_export, "cuda_graphs": s.cuda_graphs,

@@ -16,10 +16,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
+from app.api.routing import api_router
 from app.core.errors import BadRequestError, NotFoundError, stream_error
 from app.engine.engine import InputError
 from app.engine.scheduler import Finish, GenerationRequest, PromptToken, Token
@@ -45,7 +46,7 @@ from app.protocol.openai import (
 from app.schemas import OpenAIErrorResponse
 
 logger = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = api_router(prefix="/v1", tags=["openai"])
 
 # OpenAI's envelope and codes (app.core.errors): bad input is 400, not 422.
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -77,9 +78,9 @@ async def models(state: StateDep) -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=int(state.started), root=name, max_model_len=limit)])
 
 
-def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
-             fields: list[str], logprobs: int | None = None,
-             prompt_logprobs: int | None = None) -> tuple[int, list[list[GenerationRequest]]]:
+async def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
+                   fields: list[str], logprobs: int | None = None,
+                   prompt_logprobs: int | None = None) -> tuple[int, list[list[GenerationRequest]]]:
     """(n, per prompt its best_of engine requests). `max_tokens` None: what the limits leave (chat)."""
     n, best_of = candidates(body)
     groups = []
@@ -90,8 +91,8 @@ def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list
             if body.truncate_prompt_tokens and body.truncate_prompt_tokens > 0:
                 n_prompt = min(n_prompt, body.truncate_prompt_tokens)
             limit = max(1, (state.engine.limits()["max_total_tokens"] or n_prompt + 1) - n_prompt)
-        groups.append(to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of,
-                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+        groups.append(await to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of,
+                                        logprobs=logprobs, prompt_logprobs=prompt_logprobs))
     return n, groups
 
 
@@ -128,7 +129,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         # echo + logprobs scores the prompt; echo with max_tokens 0 alone too (the engine's score-only request)
         prompt_logprobs = (body.logprobs if body.logprobs is not None else 0 if max_tokens == 0 else None) \
             if body.echo else None
-        n, groups = _prepare(state, body, prompts, max_tokens, fields, body.logprobs, prompt_logprobs)
+        n, groups = await _prepare(state, body, prompts, max_tokens, fields, body.logprobs, prompt_logprobs)
     except BaseException:
         state.release()
         raise
@@ -199,9 +200,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     state.acquire()
     try:
         text, echo = _chat_prompt(state, body)
-        ids = state.engine.tokenizer.encode(text)  # rendered text holds its special tokens (no BOS added)
+        # the rendered text holds its special tokens (no BOS added); a long one is tokenized off the loop
+        ids = await state.engine.encode(text, "messages", *state.engine.prompt_limit())
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        n, groups = _prepare(state, body, [ids], body.completion_limit, ["messages"], logprobs)
+        n, groups = await _prepare(state, body, [ids], body.completion_limit, ["messages"], logprobs)
     except BaseException:
         state.release()
         raise

@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-router = APIRouter(tags=["playground"])
+from app.api.routing import api_router
+
+router = api_router(tags=["playground"])
 PAGE = Path(__file__).resolve().parents[2] / "static" / "playground.html"
 
 
