@@ -74,10 +74,16 @@ def stop_server(server: Server) -> None:
             server.proc.wait(10)
 
 
-def metric(server: Server, name: str, **labels: str) -> float:
-    """The sum of a Prometheus metric's samples whose labels include `labels`."""
+def scrape(server: Server) -> str:
+    return httpx.get(server.url + "/metrics", timeout=10).text
+
+
+def metric(server: Server | str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples whose labels include `labels`; `server` may be the
+    text of one scrape, for values that must be read together."""
+    text = server if isinstance(server, str) else scrape(server)
     total = 0.0
-    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+    for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
         if not m or m.group(1) != name:
             continue
