@@ -112,7 +112,10 @@ class Sampler:
     @property
     def top_n(self) -> int:
         """How many of the runner's top alternatives choosing from them needs (rows that do not
-        need the logits): 1 for greedy, k for top-k sampling."""
+        need the logits): 1 for greedy, k for top-k sampling; 1 when the host chooses from the
+        logits (a top_k past MAX_TOP_K, up to the vocabulary or beyond, is applied there)."""
+        if self.needs_logits:
+            return 1
         return self.params.top_k if self.params.sampling and self.params.top_k else 1
 
     @property

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from app.engine.engine import Engine, InputError
-from app.engine.sampling import SamplingParams
+from app.engine.sampling import MAX_TOP_K, SamplingParams
 from tests.conftest import make_hf_checkpoint
 
 PROMPTS = [f"Request {i} is about" + " the weather" * (i % 6) + ("!" * (i % 3)) for i in range(16)]
@@ -85,6 +85,18 @@ def test_top_k_1_equals_greedy(engine) -> None:
     greedy = run(engine.generate(engine.prepare(PROMPTS[2], 12)))
     k1 = run(engine.generate(engine.prepare(PROMPTS[2], 12, SamplingParams(do_sample=True, top_k=1, seed=3))))
     assert [t.id for t in k1.tokens] == [t.id for t in greedy.tokens]
+
+
+def test_a_top_k_past_the_vocabulary_samples_from_all_of_it(engine) -> None:
+    """top_k beyond MAX_TOP_K is applied on the host, and one past the vocabulary keeps every token
+    (transformers' warper): the same draws as no top_k. The fuzzer found top_k 50258 reaching the
+    graph's TopK (a 500)."""
+    def draw(top_k: int | None) -> list[int]:
+        params = SamplingParams(do_sample=True, top_k=top_k, seed=5)
+        return [t.id for t in run(engine.generate(engine.prepare(PROMPTS[1], 8, params, logprobs=3))).tokens]
+
+    assert draw(engine.vocab_size + 1) == draw(None)
+    assert len(draw(MAX_TOP_K + 1)) == 8
 
 
 def test_logprobs_are_reported_and_negative(engine) -> None:
