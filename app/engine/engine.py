@@ -160,6 +160,7 @@ class Engine:
                                    f"lower MAX_BATCH_SIZE") from e
             finally:
                 r.reset()
+                r.idle()  # the warm-up's buffers for every row are not kept at rest
             logger.info("warm-up: a prefill and a decode step at batch %d in %.2f s", rows, time.perf_counter() - t0)
 
     def kv_bytes(self) -> dict[str, int]:

@@ -259,10 +259,14 @@ class OrtSlotRunner(GenerationRunner):
             del old
         self.capacity, self.width = cap, wide
 
-    def _release_if_idle(self) -> None:
+    @property
+    def releasable(self) -> bool:
+        return not self.num_rows and not self.chunk_done and (self.capacity, self.width) != self.first_size
+
+    def idle(self) -> None:
         """With no row and no chunked prefill, go back to the first (small) buffers, and hand the
         freed memory back to the system."""
-        if not self.num_rows and not self.chunk_done and (self.capacity, self.width) != self.first_size:
+        if self.releasable:
             self._realloc(*self.first_size)
             trim_heap()
 
@@ -340,7 +344,6 @@ class OrtSlotRunner(GenerationRunner):
             order[hole] = mover
         order = order[:keep]
         self.lengths = self.lengths[order]
-        self._release_if_idle()
         return order
 
     def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
@@ -372,7 +375,6 @@ class OrtSlotRunner(GenerationRunner):
     def abort(self, pending: PendingPrefill) -> None:
         super().abort(pending)
         self.chunk_done = 0
-        self._release_if_idle()
 
 
 class OrtClassificationRunner(ClassificationRunner):

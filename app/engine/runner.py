@@ -209,6 +209,16 @@ class GenerationRunner(ABC):
         self.drop(list(range(self.num_rows)))
 
     @property
+    def releasable(self) -> bool:
+        """Whether `idle` would give memory back (buffers grown past what an empty batch needs)."""
+        return False
+
+    def idle(self) -> None:  # noqa: B027 - optional hook
+        """The scheduler has had nothing to do for a while (`IDLE_RELEASE_S`): give back what an
+        empty batch does not need. Not called per drop, so back-to-back requests reuse the grown
+        buffers instead of growing them again for each one."""
+
+    @property
     def kv_bytes(self) -> dict[str, int]:
         """KV cache memory in bytes: `reserved` (allocated) and `in_use` (by the tokens held)."""
         return {"reserved": 0, "in_use": 0}

@@ -37,6 +37,12 @@ from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
+# How long the engine stays idle before the runner gives back buffers grown for past work (the
+# GQA slot runner's KV rows and width). Requests that follow each other closer than this reuse
+# them: growing 512 positions again costs about 150 ms of a 512-token prompt's first token on the
+# GPT-2 124M shape here (BENCHMARKS.md, "Selection in the graph").
+IDLE_RELEASE_S = 1.0
+
 
 @dataclass
 class TopToken:
@@ -305,7 +311,10 @@ class Scheduler:
                 with self._cond:
                     while not (self._stop or self._queue or self._classify or self._active or self._prefilling
                                or self._chunked):
-                        self._cond.wait()
+                        # Quiet for IDLE_RELEASE_S with memory to give back: the runner gives it back.
+                        quiet = self.runner is not None and self.runner.releasable
+                        if not self._cond.wait(IDLE_RELEASE_S if quiet else None) and quiet:
+                            self.runner.idle()
                     if self._stop:
                         break
                     pending_cls = list(self._classify)

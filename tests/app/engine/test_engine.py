@@ -4,6 +4,7 @@ transformers' `generate` as the reference."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from app.engine import scheduler as scheduler_module
 from app.engine.engine import Engine, InputError
 from app.engine.sampling import MAX_TOP_K, SamplingParams
 from tests.conftest import make_hf_checkpoint
@@ -499,6 +501,28 @@ def test_a_failed_chunked_prefill_fails_only_its_request(tiny_lm_dir, onnx_cache
         eng.stop()
     assert short_tokens == hf_greedy(hf_lm, eng.tokenizer.encode(PROMPTS[0]), 40)
     assert [t.id for t in after.tokens] == hf_greedy(hf_lm, eng.tokenizer.encode(PROMPTS[2]), 4)
+
+
+def test_grown_buffers_are_kept_between_requests_and_given_back_when_idle(tiny_lm_dir, onnx_cache,
+                                                                         monkeypatch) -> None:
+    """Requests in quick succession reuse the KV buffers the previous ones grew; after
+    IDLE_RELEASE_S with nothing to do, the engine gives them back."""
+    monkeypatch.setattr(scheduler_module, "IDLE_RELEASE_S", 0.5)
+    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=6)
+    eng.start()
+    try:
+        runner = eng.generation.runner
+        first = runner.kv_bytes["reserved"]
+        run(eng.generate(eng.prepare(" ".join(f"w{i}" for i in range(20)), 30)))  # past the first width
+        grown = runner.kv_bytes["reserved"]
+        assert grown > first and runner.releasable
+        deadline = time.monotonic() + 10
+        while runner.releasable and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not runner.releasable and runner.kv_bytes["reserved"] == first
+        assert len(run(eng.generate(eng.prepare("Hello there", 4))).tokens) == 4
+    finally:
+        eng.stop()
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])

@@ -205,8 +205,8 @@ def test_temperature_scales_only_the_next_token_distribution(kind, graphs, tiny_
 
 def test_gqa_buffers_follow_the_tokens_held_and_go_back_when_idle(graphs, hf) -> None:
     """The KV buffers grow in rows and in width (cache positions) as the batch needs, keep every
-    row's cache through a growth (the tokens still equal transformers'), and return to their
-    first size when the batch empties."""
+    row's cache through a growth (the tokens still equal transformers'), stay grown when the
+    batch empties (the next request reuses them), and return to their first size when idle."""
     r = OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=2, initial_width=8)
     first = r.kv_bytes["reserved"]
     assert (r.capacity, r.width) == (2, 8) and r.kv_bytes["in_use"] == 0
@@ -227,4 +227,7 @@ def test_gqa_buffers_follow_the_tokens_held_and_go_back_when_idle(graphs, hf) ->
     assert r.num_rows == 3 and r.capacity >= 3 and r.width == 48  # 12 -> 18 -> 32 -> 48
     assert r.kv_bytes["in_use"] == per_token * (9 + 11 + 40)
     r.reset()
+    assert (r.capacity, r.width) == (4, 48) and r.releasable and r.kv_bytes["in_use"] == 0
+    r.idle()
     assert (r.capacity, r.width) == (2, 8) and r.kv_bytes == {"reserved": first, "in_use": 0}
+    assert not r.releasable
