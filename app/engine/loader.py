@@ -289,7 +289,7 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
 
         runner = OrtFixedRunner(path, dev, max_batch_size, num_threads, n_positions, cuda_graphs)
     elif attention == "gqa":
-        runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions)
+        runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions, max_rows=max_batch_size)
     else:
         runner = OrtGenerationRunner(path, dev, num_threads, n_positions=n_positions)
     return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, note, cache_hit,

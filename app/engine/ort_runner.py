@@ -200,7 +200,7 @@ class OrtSlotRunner(GenerationRunner):
 
     def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
                  n_positions: int = 1024, initial_capacity: int = 4, session_config: dict[str, str] | None = None,
-                 initial_width: int = 64) -> None:
+                 initial_width: int = 64, max_rows: int | None = None) -> None:
         if device != "cpu":
             raise ValueError("the GroupQueryAttention graph runs on CPU here; CUDA uses the standard graph")
         self.sess = make_session(path, device, num_threads, session_config)
@@ -208,7 +208,8 @@ class OrtSlotRunner(GenerationRunner):
         self.past_names, self.present_names, self.kv_dtype, self.info = _kv_contract(
             self.sess, ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"], n_positions)
         self.capacity, self.width = 0, 0
-        self.first_size = (initial_capacity, min(initial_width, n_positions))
+        self.max_rows = max_rows  # the scheduler's MAX_BATCH_SIZE: doubling rows stops there
+        self.first_size = (min(initial_capacity, max_rows or initial_capacity), min(initial_width, n_positions))
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros((0,), np.int64)  # (B,) tokens in each row's cache
         self.chunk_done = 0  # tokens of a chunked prefill in progress in the extra row
@@ -236,7 +237,9 @@ class OrtSlotRunner(GenerationRunner):
         context."""
         if rows <= self.capacity and width <= self.width:
             return
-        cap = max(rows, 2 * self.capacity) if rows > self.capacity else self.capacity
+        cap = self.capacity
+        if rows > self.capacity:  # doubling, but never past the batch the scheduler can run
+            cap = max(rows, min(2 * self.capacity, self.max_rows or 2 * self.capacity))
         wide = self.width
         if width > self.width:
             wide = min(self.info.n_positions, max(width, self.width + self.width // 2))
