@@ -192,7 +192,7 @@ def test_metrics(server) -> None:
         assert name in text, name
     assert 'gpt2_requests_total{route="/generate",status="200"}' in text
     assert 'gpt2_failures_total{error_type="validation"}' in text
-    # KV cache memory: the idle runner is back at its first buffers, holding no token
+    # KV cache memory: the idle runner holds no token, and its buffers are small (given back after 1 s idle)
     kv = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
           if line.startswith("gpt2_kv_cache_bytes{")}
     assert kv['kind="in_use"'] == 0 and 0 < kv['kind="reserved"'] < 1e7, kv
