@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from model.tokenizer import GPT2Tokenizer
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -144,3 +146,16 @@ def scoring_server(tmp_path_factory, tiny_lm_dir, onnx_cache) -> Iterator[Server
         MAX_CONCURRENT_REQUESTS="32", CHAT_TEMPLATE=str(REPO / "model" / "demo" / "chat_template.jinja")))
     yield srv
     stop_server(srv)
+
+
+# The tiny LM's tokenizer and its transformers model (the reference), for the modules that compare with it.
+@pytest.fixture(scope="module")
+def tok(tiny_lm_dir: Path) -> GPT2Tokenizer:
+    return GPT2Tokenizer.from_dir(tiny_lm_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_lm_dir: Path):  # noqa: ANN201 - transformers is imported only by the modules that use it
+    import transformers
+
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()

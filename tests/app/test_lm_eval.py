@@ -22,9 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import transformers
 
-from model.tokenizer import GPT2Tokenizer
 from tests.app.conftest import Server
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -49,16 +47,6 @@ def run(scoring_server: Server, tiny_lm_dir: Path, tmp_path_factory: pytest.Temp
                for task in NAMES}
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     return {"samples": samples, "results": results, "log": proc.stderr}
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_lm_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tiny_lm_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir) -> transformers.GPT2LMHeadModel:
-    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
 
 
 def scored(hf, ids: list[int], n: int) -> tuple[float, bool]:

@@ -16,7 +16,6 @@ import text_generation
 import torch
 import transformers
 
-from model.tokenizer import GPT2Tokenizer
 from tests.app.conftest import REPO, Server
 
 DEMO_TEMPLATE = REPO / "model" / "demo" / "chat_template.jinja"
@@ -29,16 +28,6 @@ TEXT = ("The café on the corner opens at seven. Its owner, Zoë, bakes bread be
         "two cups and a book of poems that nobody in the family can read. On Sundays the café stays closed and "
         "she walks along the river to the old mill, where the water is slow and green. In winter the path floods, "
         "and she takes the long way round, past the school and the church with the broken clock.")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_lm_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tiny_lm_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir) -> transformers.GPT2LMHeadModel:
-    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import transformers
 from text_generation.errors import ValidationError
 from transformers import LogitsProcessor, LogitsProcessorList, TypicalLogitsWarper
 
-from model.tokenizer import GPT2Tokenizer
 from tests.app.conftest import REPO, Server, base_env, start_server, stop_server
 
 PROMPT = "The weather today is"
@@ -44,16 +43,6 @@ def tgi(srv: Server) -> text_generation.Client:
 @pytest.fixture(scope="module")
 def name(oai) -> str:
     return oai.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_lm_dir) -> GPT2Tokenizer:
-    return GPT2Tokenizer.from_dir(tiny_lm_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir):
-    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
 
 
 def hf_greedy(hf, ids: list[int], n: int, *processors: LogitsProcessor) -> list[int]:

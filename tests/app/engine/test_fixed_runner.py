@@ -9,7 +9,6 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from app.engine import loader
 from app.engine.engine import Engine
@@ -27,11 +26,6 @@ def gqa(tiny_lm_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fixed-gqa")
     export_checkpoint(tiny_lm_dir, folder, "generate", verify_parity=False, attention="gqa")
     return folder / "model.onnx"
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir):
-    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
 
 
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:

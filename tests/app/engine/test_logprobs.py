@@ -8,7 +8,6 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from app.engine.engine import Engine, InputError
 from app.engine.sampling import SamplingParams
@@ -25,11 +24,6 @@ def engine(request, tiny_lm_dir, onnx_cache):
     eng.start()
     yield eng
     eng.stop()
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir):
-    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
 
 
 @torch.no_grad()

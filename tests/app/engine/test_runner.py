@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from app.engine.fixed_runner import OrtFixedRunner
 from app.engine.ort_runner import OrtGenerationRunner, OrtSlotRunner
@@ -24,11 +23,6 @@ def graphs(tiny_lm_dir, tmp_path_factory):
         export_checkpoint(tiny_lm_dir, folder, "generate", verify_parity=False, attention=attention)
         out[attention] = folder / "model.onnx"
     return out
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir):
-    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
 
 
 def make_runner(kind: str, graphs, tiny_lm_dir) -> GenerationRunner:
