@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -13,17 +14,23 @@ import onnx
 
 from export import manifest as mf
 from export import storage
-from export.agreement import PPL_MARGIN, perplexity_check
+from export.agreement import PPL_MARGIN, compare_perplexity, heldout_reference
 from export.fusion import check_fusion, fused_op_counts, prune_unused_optional_outputs
 from export.graphs import DEFAULT_OPSET, export_classification, export_generation
 from export.precision import PRECISIONS, to_fp16
 from export.quantize import BLOCK_CONFIGS, quantize_blockwise
-from export.verify import Check, ParityError, verify
+from export.reference import reference
+from export.verify import Check, ParityError, compare
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("generate", "classify")
 ATTENTIONS = ("standard", "gqa")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
 
 class ExportError(RuntimeError):
@@ -82,16 +89,17 @@ def export_checkpoint(
 
     t0 = time.perf_counter()
     model = load_pretrained(checkpoint)
+    config = model.config
     is_classifier = isinstance(model, GPT2ForSequenceClassification)
     if is_classifier != (task == "classify"):
         kind = "sequence classifier" if is_classifier else "language model"
-        raise ExportError(f"{checkpoint} holds a {kind} ({model.config.architectures}), not a model for task {task!r}")
-    n_layer = model.config.n_layer
+        raise ExportError(f"{checkpoint} holds a {kind} ({config.architectures}), not a model for task {task!r}")
+    n_layer = config.n_layer
     target = out / mf.MODEL_FILE
     for stale in mf.model_files(out) + [mf.MANIFEST]:
         (out / stale).unlink(missing_ok=True)  # a half-replaced export must never look complete
 
-    quantized = None
+    quantized = ref = ppl_ref = None
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_name:
         # The trace is saved with external weights and every pass below reads the graph's
         # structure alone, weights staying on disk until needed (export.storage): no step
@@ -103,9 +111,21 @@ def export_checkpoint(
         else:
             export_generation(model, fp32_path, opset, attention=attention)
         gc.collect()  # the exporter's program and its copies of the graph
+        logger.info("traced in %.1f s (peak RSS so far %.2f GiB)", time.perf_counter() - t0, peak_rss_gib())
+        if verify_parity:
+            # PyTorch's side of the checks runs now (every scenario's tokens are PyTorch's own
+            # argmax, so nothing from the graph is needed), keeping only its answers; the model
+            # is then freed before ONNX Runtime loads its copy of the weights.
+            ref = reference(model, "classify" if is_classifier else attention, checkpoint)
+            if precision in PPL_MARGIN and not is_classifier:
+                ppl_ref = heldout_reference(model, checkpoint)
+            logger.info("PyTorch reference for the parity check: %d scenarios, %.1f MB kept",
+                        len(ref.scenarios), ref.nbytes / 1e6)
+        del model
+        gc.collect()
         proto = storage.load_structure(fp32_path)
         pruned = prune_unused_optional_outputs(proto)
-        logger.info("traced in %.1f s; pruned %d unused optional outputs", time.perf_counter() - t0, pruned)
+        logger.info("pruned %d unused optional outputs", pruned)
         counts = check_fusion(proto, n_layer, "standard" if is_classifier else attention)
         if precision == "fp16":
             logger.info("converting to fp16")
@@ -127,9 +147,9 @@ def export_checkpoint(
         "attention": None if is_classifier else attention,
         "opset": opset,
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": mf.checkpoint_sha256(checkpoint)},
-        "model": {"architectures": model.config.architectures, "n_layer": n_layer, "n_head": model.config.n_head,
-                  "n_embd": model.config.n_embd, "vocab_size": model.config.vocab_size,
-                  "n_positions": model.config.n_positions, "num_labels": model.config.num_labels if is_classifier
+        "model": {"architectures": config.architectures, "n_layer": n_layer, "n_head": config.n_head,
+                  "n_embd": config.n_embd, "vocab_size": config.vocab_size,
+                  "n_positions": config.n_positions, "num_labels": config.num_labels if is_classifier
                   else None},
         **_io_spec(proto),
         "fused_ops": counts,
@@ -141,14 +161,14 @@ def export_checkpoint(
         "parity": None,
     }
     report = None
-    if verify_parity:
+    if ref is not None:
         logger.info("verifying parity against PyTorch (%s)", precision)
-        report = verify(model, target, precision, providers, checkpoint)
+        report = compare(ref, target, precision, providers)
         ppl = None
-        if precision in PPL_MARGIN and not is_classifier:
+        if ppl_ref is not None:
             gc.collect()  # verify's session, before the next one
             logger.info("held-out perplexity against PyTorch (%s)", precision)
-            ppl = perplexity_check(model, target, precision, checkpoint, providers)
+            ppl = compare_perplexity(ppl_ref, target, precision, providers)
             report.checks.append(Check("held-out text", "perplexity ratio - 1", max(0.0, ppl["ratio"] - 1),
                                        ppl["margin"]))
         manifest["parity"] = report.to_dict() | {"perplexity": ppl}
@@ -156,6 +176,7 @@ def export_checkpoint(
     mf.write_json_atomic(out / mf.MANIFEST, manifest)
     if report is not None and not report.passed:
         raise ParityError("; ".join(report.failures()))
-    logger.info("wrote %s (%s, %s) in %.1f s", target, task, precision, time.perf_counter() - t0)
+    logger.info("wrote %s (%s, %s) in %.1f s; peak RSS %.2f GiB", target, task, precision,
+                time.perf_counter() - t0, peak_rss_gib())
     return manifest
 
