@@ -64,8 +64,10 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def torch_nll(model: GPT2, rows: np.ndarray) -> float:
-    logits = model(torch.from_numpy(rows)).logits.float().numpy()  # (B, T, V)
-    return float(_nll(logits[:, :-1], rows[:, 1:]).mean())
+    # One row at a time: a row's (T, V) logits and their float64 copies are about 0.1 GB with
+    # GPT-2's vocabulary, all 8 rows at once were over 2 GB of the XL export's peak.
+    nll = [_nll(model(torch.from_numpy(row[None])).logits.float().numpy()[:, :-1], row[None, 1:]) for row in rows]
+    return float(np.concatenate(nll, axis=None).mean())
 
 
 def graph_nll(onnx_path: Path, rows: np.ndarray, providers: list[str] | None = None) -> float:
