@@ -49,7 +49,8 @@ def _summary(m: dict) -> str:
         rows += [("parity", "PASSED" if par["passed"] else "FAILED"), ("provider", par["provider"]),
                  ("max logit |diff|", f"{par['max_logit_error']:.3g}"),
                  ("top-1 agreement", f"{par['top1_agreement']:.4f} over {par['top1_positions']} positions "
-                                     f"(floor {par['top1_floor']})")]
+                                     f"(floor {par['top1_floor']}; near-ties within {par.get('top1_tie_nats', 0)} "
+                                     f"count; exact {par.get('top1_exact_agreement', par['top1_agreement']):.4f})")]
         rows += [(f"  {k}", f"{v:.3g}") for k, v in sorted(par["max_abs_diff_by_output"].items())]
         rows += [("  FAIL", f) for f in par["failures"]]
     else:
