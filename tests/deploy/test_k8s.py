@@ -5,6 +5,7 @@ GPU requests only in the gpu overlay, the ONNX cache on a volume."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -37,7 +38,14 @@ def by_kind(docs: list[dict]) -> dict[str, dict]:
     return {d["kind"]: d for d in docs}
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+# The CPU overlay per GPT-2 size (`cpu` is the demo and small); each patches memory and the start-up
+# probe from the measured table (bench/results/sizes.json, BENCHMARKS.md "Every GPT-2 size").
+SIZE_OVERLAYS = {"cpu": "small", "cpu-medium": "medium", "cpu-large": "large", "cpu-xl": "xl"}
+SIZES_JSON = REPO / "bench" / "results" / "sizes.json"
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu", "cpu-medium", "cpu-large", "cpu-xl"])
 def overlay(request: pytest.FixtureRequest) -> tuple[str, dict[str, dict]]:
     docs = render(request.param)
     return request.param, by_kind(docs)
@@ -129,7 +137,7 @@ def test_gpu_only_in_the_gpu_overlay(overlay) -> None:
     name, objs = overlay
     c = _container(objs)
     pod = objs["Deployment"]["spec"]["template"]["spec"]
-    assert c["image"].endswith(f":{name}")
+    assert c["image"].endswith(f":{name.split('-')[0]}")
     if name == "gpu":
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 == c["resources"]["requests"]["nvidia.com/gpu"]
         assert _env(c)["DEVICE"] == "cuda" and _env(c)["PRECISION"] == "fp16"
@@ -148,3 +156,57 @@ def test_onnx_cache_on_a_volume(overlay) -> None:
     claim = vol["persistentVolumeClaim"]["claimName"]
     assert objs["PersistentVolumeClaim"]["metadata"]["name"] == claim
     assert objs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by the replicas
+
+
+def _quantity(q: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+    return int(float(q[:-2]) * units[q[-2:]]) if q[-2:] in units else int(q)
+
+
+def kv_worst_bytes(size: str, env: dict[str, str]) -> int:
+    """The most KV cache the server can reserve with these settings: the slot runner's rows
+    double up to MAX_BATCH_SIZE (plus its spare row) and its width grows up to the context
+    (MAX_TOTAL_TOKENS), keys and values in fp32 for every layer (`app.engine.ort_runner`)."""
+    from bench.sizes import SHAPES
+
+    e, n_layer, _ = SHAPES[size]
+    defaults = Settings()
+    rows = int(env.get("MAX_BATCH_SIZE", defaults.max_batch_size)) + 1
+    width = int(env.get("MAX_TOTAL_TOKENS", defaults.max_total_tokens))
+    return rows * width * n_layer * 2 * e * 4
+
+
+@pytest.mark.parametrize(("name", "size"), SIZE_OVERLAYS.items())
+def test_cpu_overlay_memory_follows_the_measured_table(name, size, tmp_path) -> None:
+    """Each size's limit holds, with 10% to spare, the largest of: the first start's export child
+    at any precision (plus the waiting server beside it), the server's measured peak through 1
+    and 8 streams, and the fp32 server at rest plus the most KV cache its settings let it
+    reserve (a full batch at full context). The request holds the server's measured peak. The
+    server's own start check (`memory_fit.export_need`) passes under the limit, and the start-up
+    probe waits twice the measured cold start (export included)."""
+    from app.engine import memory_fit
+    from bench.sizes import SHAPES
+
+    rows = [r for r in json.loads(SIZES_JSON.read_text())["rows"] if r["size"] == f"gpt2-{size}"]
+    onnx = {r["precision"]: r for r in rows if r["backend"] != "torch"}
+    assert set(onnx) == {"fp32", "int8", "int4"}, f"{size}: every precision measured"
+    assert all(r["served_by"] == "onnxruntime" for r in onnx.values()), "every size and precision on ONNX Runtime"
+    c = _container(by_kind(render(name)))
+    env = _env(c)
+    limit, request = (_quantity(c["resources"][k]["memory"]) for k in ("limits", "requests"))
+    waiting_server = 0.5  # GiB: the server process while its export child runs (imports, no model yet)
+    measured = max(max(r["export_peak_gib"] + waiting_server, r["peak_rss_gib"]) for r in onnx.values()) * GIB
+    worst_serving = onnx["fp32"]["idle_rss_gib"] * GIB + kv_worst_bytes(size, env)
+    assert limit >= 1.1 * max(measured, worst_serving), (name, limit / GIB, measured / GIB, worst_serving / GIB)
+    assert onnx["fp32"]["peak_rss_gib"] * GIB <= request <= limit
+    e, n_layer, n_head = SHAPES[size]
+    (tmp_path / "config.json").write_text(json.dumps({"n_embd": e, "n_layer": n_layer, "n_head": n_head}))
+    assert memory_fit.export_need(tmp_path) < limit
+    probe = c["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 2 * max(r["cold_s"] for r in onnx.values())
+    # the cache volume holds an export in progress: the fp32 trace beside the export it writes
+    storage = by_kind(render(name))["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"]
+    assert _quantity(storage) >= 2 * memory_fit.fp32_weight_bytes(tmp_path), (name, storage)
+    if size != "small":  # the cpu overlay's image and settings, but for the batch that fits
+        base = _env(_container(by_kind(render("cpu"))))
+        assert {k: v for k, v in env.items() if k != "MAX_BATCH_SIZE"} == base
