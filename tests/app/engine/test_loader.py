@@ -161,7 +161,8 @@ def test_a_failed_parity_check_falls_back_with_one_line_and_the_full_report_besi
     assert report_path.parent == tmp_path and report_path.name.endswith(".failed.json")
     report = json.loads(report_path.read_text())
     failures = report["manifest"]["parity"]["failures"]
-    assert len(failures) > 1 and all("max |diff| nan" in f for f in failures)
+    assert len(failures) > 2 and all("max |diff| nan" in f for f in failures[:-1])
+    assert failures[-1] == "top-1 agreement 0.0000 < floor 1.0"  # a NaN logit agrees with nothing
     assert "logits max |diff| nan" in failures[0]
     assert f"{failures[0]} (1 of {len(failures)} failed checks)" in reason
     assert "FAILED" in report["output"]  # the CLI's summary table, which the log line leaves out
