@@ -22,19 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+from bench.sizes import _rss
+
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
-
-
-def _rss(pid: int) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def weight_bytes(checkpoint: Path) -> int:
