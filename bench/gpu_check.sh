@@ -7,7 +7,8 @@
 # On the lent GPU machine (../shared/gpu/README.md): stage onnxruntime-gpu first, then one call
 #   . .device/base/setup.sh && bash bench/gpu_check.sh $OUT
 # Sized for a 15-minute lease that includes the machine's start: the tests get 4 minutes, the
-# benchmark 5 (2 rounds, the fp16 systems the targets name, 8 s closed loops). Both run even if
+# benchmark 5 (2 rounds, the fp16 systems the targets name, 8 s closed loops); TESTS_TIMEOUT and
+# BENCH_TIMEOUT (seconds) shorten either when less of the lease is left. Both run even if
 # the first fails; the exit status is the tests'. Nothing here needs the network.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUT}
@@ -24,10 +25,10 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_avai
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout 240 $PY -m pytest -m cuda -q -rA -p no:cacheprovider tests/app/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log"
+timeout "${TESTS_TIMEOUT:-240}" $PY -m pytest -m cuda -q -rA -p no:cacheprovider tests/app/engine/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.log"
 tests=${PIPESTATUS[0]}
 
-timeout 300 $PY -m bench.gpu --systems hf-fp16,ort-fp16 --repeats 2 --per-round 3 --steps 30 --duration 8 \
+timeout "${BENCH_TIMEOUT:-300}" $PY -m bench.gpu --systems hf-fp16,ort-fp16 --repeats 2 --per-round 3 --steps 30 --duration 8 \
   --out "$OUT/gpu_cuda.json" 2>&1 | tee "$OUT/bench_gpu.log"
 echo "gpu_check: tests exit $tests, bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/gpu.txt"
 exit "$tests"

@@ -91,7 +91,7 @@ def graph_nll(onnx_path: Path, rows: np.ndarray, providers: list[str] | None = N
     for t in range(T - 1):
         feed = {"input_ids": rows[:, t:t + 1], "position_ids": np.full((B, 1), t, np.int64),
                 "logits_index": np.arange(B, dtype=np.int64)[:, None], "target_ids": rows[:, t + 1:t + 2],
-                "temperature": np.ones(B, np.float32), "top_n": np.array(1, np.int64)}
+                "temperature": np.ones(B, np.float32), "top_n": np.array([1], np.int64)}
         if gqa:
             feed |= {"seqlens_k": np.full((B,), t, np.int32), "total_sequence_length": np.array(t + 1, np.int32)}
         else:

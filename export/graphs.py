@@ -10,7 +10,8 @@ Selection (`model.gpt2.select_tokens`: log-softmax, gather and top-N where the l
              are computed (K = 1: each row's last token; K = T: every position, to score a prompt)
              target_ids (B, K) int64: the token whose log-probability is gathered at each
              temperature (B,) float32: divides the last kept position's logits (1 = unchanged)
-             top_n () int64: how many alternatives per position (>= 1; the first is the argmax)
+             top_n (1,) int64: how many alternatives per position (>= 1; the first is the argmax);
+             TopK's k itself (`_top_n_straight_into_topk`)
     outputs  token_logprobs (B, K), top_ids (B, K, N) int64, top_logprobs (B, K, N)
 Classification graph: input_ids, attention_mask -> logits (B, num_labels).
 
@@ -107,6 +108,43 @@ def _set_dims(model: onnx_ir.Model, dims: dict[str, list[str | int]]) -> None:
                                      for d, w in zip(value.shape.dims, want, strict=True)])
 
 
+def _top_n_straight_into_topk(model: onnx_ir.Model) -> None:
+    """Make `top_n` a (1,) input that TopK reads as its k directly.
+
+    TopK's k is a host input of ONNX Runtime's CUDA kernel. The exporter traces `topk(z, n)` with
+    a 0-d `top_n` through one-element reshapes (`Reshape -> TopK`, or `Reshape -> Gather ->
+    Reshape -> TopK`), and ONNX Runtime places such small int64 nodes that feed a host input on
+    the CPU EP: CPU nodes, a Memcpy, and the CUDA EP then refuses to capture the decode step as a
+    CUDA graph (seen on an H200, 2026-12-04). With the input shaped (1,) and wired straight into
+    TopK, those nodes go and every node stays on the CUDA EP.
+    """
+    graph = model.graph
+    top_n = next((v for v in graph.inputs if v.name == TOP_N), None)
+    if top_n is None:
+        return
+    passthrough = {"Reshape", "Gather", "Squeeze", "Unsqueeze", "Identity"}  # one element in, one out
+    chain: list[onnx_ir.Node] = []
+    for node in list(graph):
+        if node.op_type != "TopK":
+            continue
+        k, links = node.inputs[1], []
+        while k is not None and k is not top_n and k.producer() is not None \
+                and k.producer().op_type in passthrough:
+            links.append(k.producer())
+            k = k.producer().inputs[0]
+        if k is not top_n:
+            raise RuntimeError(f"TopK {node.name!r}: k does not come from the {TOP_N} input")
+        node.replace_input_with(1, top_n)
+        chain += links
+    for node in chain:  # the k chain, from TopK upwards: each is dead once the one below it is gone
+        if all(not out.uses() for out in node.outputs) and node.graph is graph:
+            graph.remove(node, safe=True)
+    left = [n.op_type for n, _ in top_n.uses() if n.op_type != "TopK"]
+    if left:
+        raise RuntimeError(f"{TOP_N} still feeds {left} besides TopK")
+    top_n.shape = onnx_ir.Shape([1])
+
+
 def _save(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path, dims: dict[str, list]) -> None:
     """Write the traced graph with its weights in `<path>.data` (external data), always.
 
@@ -117,6 +155,7 @@ def _save(program: torch.onnx.ONNXProgram, model: nn.Module, path: Path, dims: d
     whether the final export keeps the data file or inlines a small model's weights.
     """
     _set_dims(program.model, dims)
+    _top_n_straight_into_topk(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=True)
     _release_rewriter_state()

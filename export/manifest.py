@@ -20,7 +20,8 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 # 2: the generation graphs select tokens (logits_index, target_ids, temperature, top_n ->
 # token_logprobs, top_ids, top_logprobs). A cache entry of another version is never reused.
-FORMAT_VERSION = 2
+# 3: top_n is a (1,) input, TopK's k itself (a 0-d one put a Reshape on the CPU EP under CUDA).
+FORMAT_VERSION = 3
 DEFAULT_OPSET = 18
 # What determines an export: the config and the weights. Tokenizer files do not change the graph.
 _CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")

@@ -39,6 +39,8 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     head, tail = selection_nodes(model)
+    if not tail:  # the classifier: `logits` is the graph's output already, nothing to take out
+        head = None
     g = model.graph
     made = {o for n in tail for o in n.output}
     outputs = list(g.output)

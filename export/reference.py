@@ -112,7 +112,7 @@ def last_feed(n: int, width: int) -> dict[str, np.ndarray]:
     """Selection inputs that keep each row's last position (left padding, or equal lengths)."""
     return {"logits_index": (np.arange(n)[:, None] * width + width - 1).astype(np.int64),
             "target_ids": np.zeros((n, 1), np.int64), "temperature": np.ones(n, np.float32),
-            "top_n": np.array(SCORE_TOP_N, np.int64)}
+            "top_n": np.array([SCORE_TOP_N], np.int64)}
 
 
 def score_feed(row: list[int], temperature: float = 0.7) -> dict[str, np.ndarray]:
@@ -120,13 +120,13 @@ def score_feed(row: list[int], temperature: float = 0.7) -> dict[str, np.ndarray
     temperature on the last position."""
     T = len(row)
     return {"logits_index": np.arange(T, dtype=np.int64)[None], "target_ids": np.asarray([row[1:] + [0]], np.int64),
-            "temperature": np.array([temperature], np.float32), "top_n": np.array(SCORE_TOP_N, np.int64)}
+            "temperature": np.array([temperature], np.float32), "top_n": np.array([SCORE_TOP_N], np.int64)}
 
 
 def _selection(logits: torch.Tensor, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """`select_tokens` on PyTorch's logits (B, K, V) with the selection inputs of `feed`."""
     ref = select_tokens(logits.float(), torch.from_numpy(feed["target_ids"]), torch.from_numpy(feed["temperature"]),
-                        int(feed["top_n"]))
+                        int(feed["top_n"][0]))
     return ref.token_logprobs.numpy(), ref.top_logprobs.numpy()
 
 

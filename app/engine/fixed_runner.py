@@ -309,7 +309,7 @@ class OrtFixedRunner(GenerationRunner):
             buf.bind(binding, name, output=True)
         # Read on the host by the kernels (and frozen into a captured graph): the buffer length on
         # every step (rows are masked by seqlens_k) and a fixed number of alternatives.
-        host = {"total_sequence_length": np.array(self.M, np.int32), "top_n": np.array(GRAPH_TOP_N, np.int64)}
+        host = {"total_sequence_length": np.array(self.M, np.int32), "top_n": np.array([GRAPH_TOP_N], np.int64)}
         for name, value in host.items():
             binding.bind_cpu_input(name, value)
         self._bind_kv(binding, 0, b)

@@ -121,7 +121,7 @@ def select_inputs(first: np.ndarray, last: np.ndarray, width: int, want: Want,
         target[b] = np.asarray(prompts[b], np.int64)[np.clip(ahead, 0, len(prompts[b]) - 1)]
     temperature = want.temperature if want.temperature is not None else np.ones(n, np.float32)
     return {"logits_index": (np.arange(n)[:, None] * width + idx).astype(np.int64), "target_ids": target,
-            "temperature": np.ascontiguousarray(temperature, dtype=np.float32), "top_n": np.array(want.n, np.int64)}
+            "temperature": np.ascontiguousarray(temperature, dtype=np.float32), "top_n": np.array([want.n], np.int64)}
 
 
 def parse_selection(first: np.ndarray, last: np.ndarray, want: Want, token_logprobs: np.ndarray,

@@ -42,7 +42,7 @@ class TorchGenerationRunner(PaddedRunner):
         past = tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.info.n_layer)) if kv is not None else None
         out = self.model(t(ids), t(mask), t(pos), past, logits_index=t(sel["logits_index"]))
         # The same selection the ONNX graph computes (`select_tokens`), in fp32 like the graph's.
-        s = select_tokens(out.logits.float(), t(sel["target_ids"]), t(sel["temperature"]), int(sel["top_n"]))
+        s = select_tokens(out.logits.float(), t(sel["target_ids"]), t(sel["temperature"]), int(sel["top_n"][0]))
         flat = [x for pair in out.past_key_values for x in pair]
         logits = s.logits.cpu().numpy() if want_logits else None
         return (logits, s.token_logprobs.cpu().numpy(), s.top_ids.cpu().numpy(), s.top_logprobs.cpu().numpy()), flat

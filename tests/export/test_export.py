@@ -72,7 +72,11 @@ def test_graph_signature_matches_the_contract(exported_lm) -> None:
     assert shapes["token_logprobs"] == ["batch_size", "kept_positions"]
     assert shapes["top_ids"] == shapes["top_logprobs"] == ["batch_size", "kept_positions", "top_n"]
     assert sess.get_inputs()[1].shape == ["batch_size", "total_sequence_length"]
-    assert {i.name: i.shape for i in sess.get_inputs()}["top_n"] == []
+    assert {i.name: i.shape for i in sess.get_inputs()}["top_n"] == [1]
+    # TopK reads k straight from the input: a node between them lands on the CPU EP under CUDA
+    # and stops CUDA graph capture.
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    assert [n.input[1] for n in graph.node if n.op_type == "TopK"] == ["top_n"]
     assert manifest["opset"] >= 17 and manifest["parity"]["passed"]
     assert [i["name"] for i in manifest["inputs"]] == [i.name for i in sess.get_inputs()]
 
@@ -90,7 +94,7 @@ SELECT_OUT = ["logits", "token_logprobs", "top_ids", "top_logprobs"]
 def _last(n: int, width: int, top_n: int = 1) -> dict[str, np.ndarray]:
     """Selection inputs that keep each row's last position (left-padded rows)."""
     return {"logits_index": (np.arange(n) * width + width - 1)[:, None], "target_ids": np.zeros((n, 1), np.int64),
-            "temperature": np.ones(n, np.float32), "top_n": np.array(top_n)}
+            "temperature": np.ones(n, np.float32), "top_n": np.array([top_n])}
 
 
 def _feed(ids, mask, pos, past, n_layer):
@@ -238,6 +242,17 @@ def test_fp16_runs_on_cpu_and_agrees(tmp_path, tiny_lm_dir) -> None:
     par = manifest["parity"]
     assert par["passed"] and par["top1_agreement"] >= TOP1_FLOOR["fp16"]
     assert 0 < par["max_logit_error"] < 1e-2  # really half precision, and close
+
+
+def test_fp16_classifier_is_a_valid_graph_and_agrees(tmp_path, tiny_classifier_dir) -> None:
+    """The classifier has no selection after its head: its fp16 export once listed `logits` twice
+    (two Casts of one name, a model ONNX Runtime refuses), so a default start on CUDA served the
+    classifier on PyTorch (seen on an H200, 2026-12-04)."""
+    manifest = export_checkpoint(tiny_classifier_dir, tmp_path, "classify", precision="fp16")
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert {i.name: i.type for i in _session(tmp_path / "model.onnx").get_outputs()} == {"logits": "tensor(float)"}
+    assert manifest["parity"]["passed"] and 0 < manifest["parity"]["max_logit_error"] < 1e-2
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])

@@ -93,7 +93,8 @@ def test_a_default_start_on_cuda_serves_onnxruntime_fp16(tmp_path, tiny_lm_dir, 
         info = httpx.get(server.url + "/info", timeout=10).json()
         for part in ("generation", "classification"):
             got = info[part]
-            assert (got["backend"], got["device"], got["precision"]) == ("onnxruntime", "cuda", "fp16"), got
+            assert (got["backend"], got["device"], got["precision"]) == ("onnxruntime", "cuda", "fp16"), \
+                got["fallback_reason"]
             assert got["fallback_reason"] is None
         graphs = info["generation"]["cuda_graphs"]
         assert graphs["setting"] == "auto" and graphs["enabled"] is True and graphs["reason"] is None, graphs
@@ -124,7 +125,8 @@ def test_the_fp16_decode_graph_has_no_node_on_the_cpu(tmp_path, tiny_lm_dir) -> 
     lo = _fixed(tmp_path, tiny_lm_dir, "off")
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    ort.InferenceSession(str(lo.onnx_path), opts, providers=providers_for("cuda"))
+    # Only the CUDA EP named: ONNX Runtime 1.31 refuses the CPU EP named beside this option.
+    ort.InferenceSession(str(lo.onnx_path), opts, providers=providers_for("cuda")[:1])
 
 
 def test_capture_at_every_bucket_equals_the_eager_steps(tmp_path, tiny_lm_dir) -> None:
