@@ -3,8 +3,12 @@ from a `GPT2Config` (never downloaded), with the real GPT-2 BPE files beside the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,103 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- nothing left behind (issue 26) -------------------------------------------------------------
+# pytest removes its base temporary directory when the run passes (tmp_path_retention_policy =
+# "failed" in pyproject.toml); anything else a test leaves in the temporary directory (a server's
+# files, an export, a venv made with tempfile) is caught here: the run fails past this growth.
+TMP_GROWTH_LIMIT = 100 * 2**20
+_TMP_BEFORE = pytest.StashKey[dict[str, int]]()
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")  # a pytest-xdist worker; the controller checks for all
+
+
+def _sizes(root: Path) -> dict[str, int]:
+    """Bytes on disk under each entry of `root` (symlinks not followed, unreadable parts skipped)."""
+    out: dict[str, int] = {}
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return out
+    for entry in entries:
+        total = 0
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                for folder, dirs, files in os.walk(entry.path, onerror=lambda e: None):
+                    for name in dirs + files:
+                        with contextlib.suppress(OSError):
+                            total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+        except OSError:
+            pass
+        out[entry.name] = total
+    return out
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _is_worker(session.config):
+        session.config.stash[_TMP_BEFORE] = _sizes(Path(tempfile.gettempdir()))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own clean-up of its base temporary directory
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _is_worker(session.config):
+        session.config.workeroutput["fixture_times"] = json.dumps(session.config.stash.get(_FIXTURE_TIMES, {}))
+        return
+    before = session.config.stash.get(_TMP_BEFORE, None)
+    if before is None:
+        return
+    after = _sizes(Path(tempfile.gettempdir()))
+    grown = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+    total = sum(after.values()) - sum(before.values())
+    report = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = f"temporary directory {tempfile.gettempdir()}: {total / 2**20:+.1f} MB over the run"
+    if total > TMP_GROWTH_LIMIT:
+        top = sorted(grown.items(), key=lambda kv: -kv[1])[:10]
+        line += (f", past the {TMP_GROWTH_LIMIT // 2**20} MB allowed; grew: "
+                 + ", ".join(f"{k} {v / 2**20:+.1f} MB" for k, v in top))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if report is not None:
+        report.write_line(line, red=total > TMP_GROWTH_LIMIT)
+
+
+# ---- where the time goes (issue 26): `pytest --fixture-durations=N` ------------------------------
+# Sums each fixture's set-up time (server starts, exports, checkpoints, client venvs) over the run,
+# across pytest-xdist workers, and prints the N largest; `--durations` gives the per-test view.
+_FIXTURE_TIMES = pytest.StashKey[dict[str, list[float]]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fixture-durations", type=int, default=None, metavar="N",
+                     help="print the N fixtures with the most set-up time, summed over the run")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):  # noqa: ANN201
+    t0 = time.perf_counter()
+    yield
+    times = request.config.stash.setdefault(_FIXTURE_TIMES, {})
+    times.setdefault(f"{fixturedef.argname} ({fixturedef.scope})", []).append(time.perf_counter() - t0)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ANN001 - pytest-xdist's hook: a worker's sums
+    got = getattr(node, "workeroutput", {}).get("fixture_times")
+    if got:
+        times = node.config.stash.setdefault(_FIXTURE_TIMES, {})
+        for name, values in json.loads(got).items():
+            times.setdefault(name, []).extend(values)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # noqa: ANN001
+    n = config.getoption("--fixture-durations")
+    times = config.stash.get(_FIXTURE_TIMES, {})
+    if not n or not times:
+        return
+    terminalreporter.section(f"fixture set-up, summed over the run (top {n})")
+    for name, values in sorted(times.items(), key=lambda kv: -sum(kv[1]))[:n]:
+        terminalreporter.write_line(f"{sum(values):9.2f}s  {len(values):4d}x  {name}")
