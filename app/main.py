@@ -25,7 +25,8 @@ from app.core.errors import UnauthorizedError, error_response, error_type_for, i
 from app.core.metrics import Metrics
 from app.core.text import lone_surrogate, suspect
 from app.engine.engine import Engine
-from app.engine.loader import LoadCancelledError, one_line
+from app.loading.engine_loader import load_engine
+from app.loading.loader import LoadCancelledError, one_line
 from app.protocol.chat_template import load_chat_template
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def configure_logging(level: str) -> None:
 
 
 def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
-    engine = Engine.load(
+    engine = load_engine(
         s.model_path, s.classifier_path, backend=s.backend, device=s.device, precision=s.precision,
         cache_dir=s.onnx_cache_dir, num_threads=s.num_threads, max_batch_size=s.max_batch_size,
         max_batch_total_tokens=s.max_batch_total_tokens, max_input_tokens=s.max_input_tokens,

@@ -8,7 +8,7 @@ import logging
 import sys
 
 from app.core.config import get_settings
-from app.engine.loader import ensure_export, resolve_precision
+from app.loading.loader import ensure_export, resolve_precision
 
 logger = logging.getLogger("app.prepare")
 

@@ -131,7 +131,7 @@ def step_times(ckpt: Path, device: str, backend: str, precision: str, args: argp
                prompts: list[list[int]]) -> dict[str, float]:
     """Median seconds of one decode step at batch 1 and at batch len(prompts), through the same
     loader (and export cache) as the server."""
-    from app.engine.loader import load
+    from app.loading.loader import load
 
     lo = load("generate", ckpt, backend=backend, device=device, precision=precision, cache_dir=ONNX_CACHE,
               num_threads=args.threads, max_batch_size=max(32, len(prompts)))

@@ -105,7 +105,7 @@ def serve(port: int, max_rows: int, loop: str = "auto", http: str = "auto") -> N
     import app.main as app_main
     from app.core.config import Settings
     from app.engine.engine import Engine
-    from app.engine.loader import Loaded
+    from app.engine.runner import Loaded
     from model.tokenizer import GPT2Tokenizer
 
     settings = Settings(classifier_path=None, host="127.0.0.1", port=port, max_batch_size=max_rows,

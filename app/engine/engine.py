@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from app.engine.loader import Loaded, load
+from app.engine.runner import Loaded
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, Scheduler, StreamEvent
 from model.tokenizer import GPT2Tokenizer
@@ -104,24 +104,6 @@ class Engine:
             prefill_chunk_tokens=prefill_chunk_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             waiting_served_ratio=waiting_served_ratio, score_chunk_tokens=score_chunk_tokens,
         )
-
-    @classmethod
-    def load(cls, model_path: Path | None, classifier_path: Path | None = None, backend: str = "auto",
-             device: str = "auto", precision: str = "auto", cache_dir: Path = Path(".onnx_cache"),
-             num_threads: int | None = None, max_batch_size: int = 32, max_batch_total_tokens: int = 32768,
-             max_input_tokens: int | None = None, max_total_tokens: int | None = None,
-             cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
-             max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
-             score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False,
-             export_lock_stale_s: float = 30.0) -> Engine:
-        """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export."""
-        kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
-                  cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
-                  retry_failed_export=retry_failed_export, lock_stale_s=export_lock_stale_s)
-        gen = load("generate", model_path, **kw) if model_path else None
-        clf = load("classify", classifier_path, **kw) if classifier_path else None
-        return cls(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
-                   prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens)
 
     def start(self) -> None:
         self.capture()

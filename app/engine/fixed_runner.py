@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.engine.loader import SettingRefusedError
 from app.engine.ort_runner import SELECT_OUTPUTS, _kv_contract, make_session
 from app.engine.runner import (
     GenerationRunner,
     PendingPrefill,
     PromptScores,
     Selected,
+    SettingRefusedError,
     Want,
     parse_selection,
     select_inputs,

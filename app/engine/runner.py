@@ -19,6 +19,10 @@ Two bookkeeping schemes implement it:
   the forward pass and four KV moves.
 - `app.engine.ort_runner.OrtSlotRunner` (ONNX graphs with GroupQueryAttention): fixed-size KV
   buffers, one row per sequence, written in place; no padding and no copies per step.
+
+`Loaded` (a runner and how it was loaded; `app.loading` makes it) and `SettingRefusedError`
+(raised by a runner or the loader) live here, on the engine's side, so the engine never imports
+`app.loading`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -369,3 +374,24 @@ class ClassificationRunner(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
+
+
+class SettingRefusedError(RuntimeError):
+    """A setting that must hold cannot (e.g. CUDA_GRAPHS=on without CUDA): refuse to start rather
+    than fall back."""
+
+
+@dataclass
+class Loaded:
+    """A runner and how it was loaded (what /info reports); `app.loading.loader.load` makes it."""
+
+    runner: Any  # GenerationRunner | ClassificationRunner
+    task: str
+    backend: str
+    device: str
+    precision: str
+    checkpoint: Path
+    onnx_path: Path | None = None
+    fallback_reason: str | None = None
+    cache_hit: bool | None = None
+    attention: str | None = None  # generation graph signature: "gqa" | "standard"

@@ -184,7 +184,7 @@ def test_cpu_overlay_memory_follows_the_measured_table(name, size, tmp_path) -> 
     reserve (a full batch at full context). The request holds the server's measured peak. The
     server's own start check (`memory_fit.export_need`) passes under the limit, and the start-up
     probe waits twice the measured cold start (export included)."""
-    from app.engine import memory_fit
+    from app.loading import memory_fit
     from bench.sizes import SHAPES
 
     rows = [r for r in json.loads(SIZES_JSON.read_text())["rows"] if r["size"] == f"gpt2-{size}"]

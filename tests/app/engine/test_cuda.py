@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.engine import loader
+from app.loading import loader
 from export.manifest import read_manifest
 from export.verify import FP32_TOL
 

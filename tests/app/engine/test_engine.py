@@ -13,8 +13,9 @@ import torch
 import transformers
 
 from app.engine import scheduler as scheduler_module
-from app.engine.engine import Engine, InputError
+from app.engine.engine import InputError
 from app.engine.sampling import MAX_TOP_K, SamplingParams
+from app.loading.engine_loader import load_engine
 from tests.conftest import make_hf_checkpoint
 
 PROMPTS = [f"Request {i} is about" + " the weather" * (i % 6) + ("!" * (i % 3)) for i in range(16)]
@@ -22,7 +23,7 @@ PROMPTS = [f"Request {i} is about" + " the weather" * (i % 6) + ("!" * (i % 3)) 
 
 @pytest.fixture(scope="module", params=["onnxruntime", "torch"])
 def engine(request, tiny_lm_dir, tiny_classifier_dir, onnx_cache):
-    eng = Engine.load(tiny_lm_dir, tiny_classifier_dir, backend=request.param,
+    eng = load_engine(tiny_lm_dir, tiny_classifier_dir, backend=request.param,
                       cache_dir=onnx_cache, max_batch_size=8,
                       max_batch_total_tokens=4096, max_input_tokens=100)
     eng.start()
@@ -133,7 +134,7 @@ def eos_engine(tmp_path_factory, request):
         hf.transformer.ln_f.bias.copy_(b)
         hf.transformer.wte.weight[hf.config.eos_token_id] = 10 * b / b.norm()
     hf.save_pretrained(folder)
-    eng = Engine.load(folder, None, backend="onnxruntime", cache_dir=tmp_path_factory.mktemp("eos_cache"))
+    eng = load_engine(folder, None, backend="onnxruntime", cache_dir=tmp_path_factory.mktemp("eos_cache"))
     eng.start()
     yield eng
     eng.stop()
@@ -345,8 +346,8 @@ def test_engine_path_of_onnxruntime_does_not_import_torch(tmp_path, tiny_lm_dir)
 
     cache = tmp_path / "c"
     code = (
-        "import sys; from pathlib import Path; from app.engine.engine import Engine\n"
-        f"e = Engine.load(Path({str(tiny_lm_dir)!r}), None, backend='onnxruntime', cache_dir=Path({str(cache)!r}))\n"
+        "import sys; from pathlib import Path; from app.loading.engine_loader import load_engine\n"
+        f"e = load_engine(Path({str(tiny_lm_dir)!r}), None, backend='onnxruntime', cache_dir=Path({str(cache)!r}))\n"
         "print('torch' in sys.modules, e.generation.cache_hit)\n"
     )
     repo = Path(__file__).resolve().parents[3]
@@ -362,7 +363,7 @@ def test_engine_path_of_onnxruntime_does_not_import_torch(tmp_path, tiny_lm_dir)
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(backend, tiny_lm_dir, onnx_cache, hf_lm) -> None:
     """PREFILL_CHUNK_TOKENS=4: a ~40-token prompt arriving while a stream decodes is prefilled
     4 tokens per iteration, and the running stream gets a token every iteration meanwhile."""
-    eng = Engine.load(tiny_lm_dir, None, backend=backend, cache_dir=onnx_cache, max_batch_size=8,
+    eng = load_engine(tiny_lm_dir, None, backend=backend, cache_dir=onnx_cache, max_batch_size=8,
                       prefill_chunk_tokens=4)
     eng.start()
     long_text = " ".join(f"w{i}" for i in range(20))
@@ -400,7 +401,7 @@ def test_a_burst_of_waiting_prompts_is_prefilled_at_once(ratio, tiny_lm_dir, onn
     """Three ~20-token prompts arrive while one stream decodes (PREFILL_CHUNK_TOKENS=4). With
     3 waiting per running row >= WAITING_SERVED_RATIO they are prefilled together (TGI's rule);
     with the rule off they are chunked, 4 tokens per decode step of the running stream."""
-    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
                       prefill_chunk_tokens=4, waiting_served_ratio=ratio)
     eng.start()
     texts = [" ".join(f"b{i}x{j}" for j in range(7)) for i in range(3)]
@@ -438,7 +439,7 @@ def test_prompts_left_waiting_or_chunked_with_nothing_decoding_still_finish(tiny
     """MAX_BATCH_PREFILL_TOKENS=8: a 40-token prompt alone is prefilled in 8-token chunks, and
     one-token requests that do not fit one prefill call wait for the next iteration, while no
     row is decoding (the worker must not go to sleep on them)."""
-    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
                       max_batch_prefill_tokens=8)
     eng.start()
     long_text = " ".join(f"w{i}" for i in range(20))
@@ -461,7 +462,7 @@ def test_prompts_left_waiting_or_chunked_with_nothing_decoding_still_finish(tiny
 def test_a_failed_chunked_prefill_fails_only_its_request(tiny_lm_dir, onnx_cache, hf_lm) -> None:
     """A prompt chunk that raises fails that request; the stream already decoding carries on
     with the right tokens, and the engine serves the next request."""
-    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
                       prefill_chunk_tokens=4)
     eng.start()
     runner = eng.generation.runner
@@ -508,7 +509,7 @@ def test_grown_buffers_are_kept_between_requests_and_given_back_when_idle(tiny_l
     """Requests in quick succession reuse the KV buffers the previous ones grew; after
     IDLE_RELEASE_S with nothing to do, the engine gives them back."""
     monkeypatch.setattr(scheduler_module, "IDLE_RELEASE_S", 0.5)
-    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=6)
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=6)
     eng.start()
     try:
         runner = eng.generation.runner
@@ -529,7 +530,7 @@ def test_grown_buffers_are_kept_between_requests_and_given_back_when_idle(tiny_l
 def test_warm_up_runs_the_largest_batch_and_leaves_it_empty(backend, tiny_lm_dir, onnx_cache, caplog) -> None:
     """ONNX Runtime's first call at a new largest batch is slow (about 1.2 s for GPT-2 124M at 32 rows
     on this CPU): the warm-up pays it at start, not the first burst of requests."""
-    eng = Engine.load(tiny_lm_dir, None, backend=backend, cache_dir=onnx_cache, max_batch_size=6)
+    eng = load_engine(tiny_lm_dir, None, backend=backend, cache_dir=onnx_cache, max_batch_size=6)
     with caplog.at_level("INFO", logger="app.engine.engine"):
         eng.start()
     try:
@@ -547,7 +548,7 @@ def test_warm_up_runs_the_largest_batch_and_leaves_it_empty(backend, tiny_lm_dir
 def test_a_batch_size_that_cannot_be_warmed_up_names_the_setting(tiny_lm_dir, onnx_cache) -> None:
     """MAX_BATCH_SIZE far beyond memory: the KV buffers for that many rows cannot be allocated, and
     the start fails with the setting to lower, not a bare MemoryError."""
-    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=10**7)
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=10**7)
     try:
         with pytest.raises(RuntimeError, match=r"warm-up at MAX_BATCH_SIZE=10000000 rows failed .*lower "
                                                r"MAX_BATCH_SIZE"):
@@ -559,7 +560,7 @@ def test_a_batch_size_that_cannot_be_warmed_up_names_the_setting(tiny_lm_dir, on
 def test_limits_are_the_settings_capped_by_the_context(tiny_lm_dir, onnx_cache) -> None:
     """/info and /v1/models show these: the demo (context 256) under MAX_INPUT_TOKENS=512 and
     MAX_TOTAL_TOKENS=1024 enforces 256 for both, and says so."""
-    eng = Engine.load(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=2,
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=2,
                       max_input_tokens=500, max_total_tokens=1000)
     try:
         assert eng.limits() == {"max_input_tokens": 128, "max_total_tokens": 128}

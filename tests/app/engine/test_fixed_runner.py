@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine import loader
 from app.engine.engine import Engine
 from app.engine.fixed_runner import GRAPH_TOP_N, OrtFixedRunner, buckets_for
-from app.engine.loader import Loaded, SettingRefusedError
 from app.engine.runner import Want
 from app.engine.sampling import SamplingParams
+from app.loading import loader
+from app.loading.loader import Loaded, SettingRefusedError
 from export.pipeline import export_checkpoint
 
 PROMPTS = [f"Request {i} is about" + " the weather" * (i % 6) + ("!" * (i % 3)) for i in range(12)]

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.engine.engine import Engine, InputError
+from app.engine.engine import InputError
 from app.engine.sampling import SamplingParams
+from app.loading.engine_loader import load_engine
 
 TOL = 1e-4
 
@@ -19,7 +20,7 @@ TOL = 1e-4
 def engine(request, tiny_lm_dir, onnx_cache):
     # No input limit below the context (128), and scored prompts prefilled 48 tokens a call, so a
     # prompt that fills the context is scored in three chunks.
-    eng = Engine.load(tiny_lm_dir, None, backend=request.param, cache_dir=onnx_cache, max_batch_size=8,
+    eng = load_engine(tiny_lm_dir, None, backend=request.param, cache_dir=onnx_cache, max_batch_size=8,
                       max_batch_total_tokens=4096, score_chunk_tokens=48)
     eng.start()
     yield eng

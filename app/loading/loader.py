@@ -28,28 +28,15 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine import export_child, export_lock, export_memory, memory_fit
+# Loaded and SettingRefusedError live on the engine's side (it consumes them); re-exported here.
+from app.engine.runner import Loaded, SettingRefusedError
+from app.loading import export_child, export_lock, export_memory, memory_fit
 from export import manifest as mf
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Loaded:
-    runner: Any  # GenerationRunner | ClassificationRunner
-    task: str
-    backend: str
-    device: str
-    precision: str
-    checkpoint: Path
-    onnx_path: Path | None = None
-    fallback_reason: str | None = None
-    cache_hit: bool | None = None
-    attention: str | None = None  # generation graph signature: "gqa" | "standard"
 
 
 def ort_cuda_available() -> bool:
@@ -107,11 +94,6 @@ def _valid(folder: Path, sha: str) -> str | None:
 
 class LoadCancelledError(RuntimeError):
     """Loading was cancelled (the server is shutting down); not a reason to fall back."""
-
-
-class SettingRefusedError(RuntimeError):
-    """A setting that must hold cannot (e.g. CUDA_GRAPHS=on without CUDA): refuse to start rather
-    than fall back."""
 
 
 class ExportFailedError(RuntimeError):
@@ -236,7 +218,7 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
     server process, and the tracer never shares the interpreter with the event loop's threads.
     Setting `cancel` stops the child (a shutdown during a first-start export)."""
     # `python -m export` that the kernel kills if this process dies (export_child: PR_SET_PDEATHSIG)
-    cmd = [sys.executable, "-m", "app.engine.export_child", "--checkpoint", str(checkpoint), "--task", task,
+    cmd = [sys.executable, "-m", "app.loading.export_child", "--checkpoint", str(checkpoint), "--task", task,
            "--out", str(out), "--precision", precision, "--attention", attention]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engine.export_lock import ExportLock, remove_leftovers
+from app.loading.export_lock import ExportLock, remove_leftovers
 from tests.app.conftest import REPO, Server, start_server, stop_server, wait_healthy
 
 ENTRY = "generate-fp32-gqa-opset18-0123456789abcdef0123"
@@ -50,7 +50,7 @@ def export_child_of(pid: int) -> int | None:
     for c in children(pid):
         try:
             cmd = Path(f"/proc/{c}/cmdline").read_bytes()
-            if b"\0app.engine.export_child\0" in cmd or b"\0-m\0export\0" in cmd:
+            if b"\0app.loading.export_child\0" in cmd or b"\0-m\0export\0" in cmd:
                 return c
         except OSError:
             pass
@@ -76,7 +76,7 @@ def tmp_folders(cache: Path) -> list[str]:
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from app.engine.export_lock import ExportLock
+    from app.loading.export_lock import ExportLock
     lock = ExportLock(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]))
     assert lock.acquire()
     lock.tmp.mkdir()

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from app.engine import export_memory, loader
 from app.engine.ort_runner import GraphContractError, OrtGenerationRunner, OrtSlotRunner
+from app.loading import export_memory, loader
 from export.manifest import file_sha256, read_manifest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -105,7 +105,7 @@ def test_runner_fails_fast_on_a_graph_missing_an_output(cache, tiny_lm_dir, tmp_
 
 def test_two_processes_starting_at_once_share_one_sound_export(tmp_path, tiny_lm_dir) -> None:
     code = (
-        "import sys; from pathlib import Path; from app.engine import loader\n"
+        "import sys; from pathlib import Path; from app.loading import loader\n"
         f"lo = loader.load('generate', Path({str(tiny_lm_dir)!r}), cache_dir=Path({str(tmp_path)!r}))\n"
         "r = lo.runner; t = r.add([[464, 2068]]).top_ids[0, 0]; print(lo.backend, lo.onnx_path, int(t))\n"
     )
@@ -151,7 +151,7 @@ def test_one_line_keeps_the_first_line_and_bounds_the_length() -> None:
 
 def test_a_failed_parity_check_falls_back_with_one_line_and_the_full_report_beside_the_cache(
         nan_lm_dir, tmp_path, caplog) -> None:
-    caplog.set_level("WARNING", logger="app.engine.loader")
+    caplog.set_level("WARNING", logger="app.loading.loader")
     lo = loader.load("generate", nan_lm_dir, cache_dir=tmp_path)
     assert lo.backend == "torch"
     reason = lo.fallback_reason
@@ -214,7 +214,7 @@ def test_a_failed_export_names_the_childs_last_line_and_a_later_success_removes_
 
 
 def test_a_checkpoint_that_cannot_fit_says_why_in_one_line(tiny_lm_dir, tmp_path, monkeypatch) -> None:
-    from app.engine import memory_fit
+    from app.loading import memory_fit
 
     need = memory_fit.export_need(tiny_lm_dir)
     assert need == int(memory_fit.EXPORT_FACTOR * memory_fit.fp32_weight_bytes(tiny_lm_dir)) + memory_fit.RUNTIME_BYTES

@@ -1,11 +1,11 @@
-"""`python -m app.engine.export_child ARGS`: `python -m export ARGS` that dies with its parent.
+"""`python -m app.loading.export_child ARGS`: `python -m export ARGS` that dies with its parent.
 
-The server exports in a child process (app.engine.loader). Killed with SIGKILL, the server could
+The server exports in a child process (app.loading.loader). Killed with SIGKILL, the server could
 not stop it: the export ran on as an orphan for 80 s with 2 GB (issue 20). On Linux this child asks
 the kernel for SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), then checks that the parent
 did not die before that took effect. The signal follows the thread that started the child: the
 loader's thread waits for the child, so it outlives it. Its unfinished folder is removed at the
-next start (app.engine.export_lock).
+next start (app.loading.export_lock).
 """
 
 from __future__ import annotations
