@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Both are the same import; override with `make ORT=cpu ...`.
 ORT ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 
-.PHONY: install test test-fast lint serve clean image image-test replica-test k8s-test bench-venv bench-export \
+.PHONY: install test test-fast coverage lint serve clean image image-test replica-test k8s-test bench-venv bench-export \
 	bench-server bench-levers bench-targets bench-single bench-concurrency bench-ttft bench-startup bench-aiperf-venv \
 	bench-aiperf guidellm-venv
 
@@ -23,9 +23,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-deps text-generation
 	touch $@
 
+# The suite on TEST_WORKERS pytest-xdist workers, a file per worker at a time (a module's server is
+# started once): most tests wait on a server, an export child or a client, so 3 workers keep this
+# 2-core machine busy. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 3
+PYTEST := $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install guidellm-venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+# Line coverage of app/, model/ and export/ over the whole suite (in-process code; servers run in
+# their own processes and are not counted), as README "Tests" reports it.
+coverage: install guidellm-venv
+	$(PYTEST) --cov=app --cov=model --cov=export --cov-report=term
 
 # guidellm (vLLM's benchmark tool), run unchanged by tests/app/test_guidellm.py, in its own venv: its
 # dependencies (click~=8.4, datasets) are not ours. Exact versions in tests/guidellm-constraints.txt.
@@ -40,7 +51,7 @@ $(GUIDELLM_VENV)/.installed: tests/guidellm-constraints.txt
 	touch $@
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
