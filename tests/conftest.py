@@ -195,12 +195,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="print the N fixtures with the most set-up time, summed over the run")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):  # noqa: ANN201
-    t0 = time.perf_counter()
-    yield
-    times = request.config.stash.setdefault(_FIXTURE_TIMES, {})
-    times.setdefault(f"{fixturedef.argname} ({fixturedef.scope})", []).append(time.perf_counter() - t0)
+class _FixtureTimer:
+    """Registered as a plugin, not left as conftest hooks: a conftest's `pytest_fixture_setup` is
+    not called for the session-scoped fixtures (their node is the session, above tests/)."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):  # noqa: ANN201
+        t0 = time.perf_counter()
+        yield
+        times = request.config.stash.setdefault(_FIXTURE_TIMES, {})
+        times.setdefault(f"{fixturedef.argname} ({fixturedef.scope})", []).append(time.perf_counter() - t0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--fixture-durations"):
+        config.pluginmanager.register(_FixtureTimer(), "fixture-timer")
 
 
 @pytest.hookimpl(optionalhook=True)
