@@ -25,18 +25,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The suite on TEST_WORKERS pytest-xdist workers, a file per worker at a time (a module's server is
 # started once): most tests wait on a server, an export child or a client, so 3 workers keep this
-# 2-core machine busy. TEST_WORKERS=0 runs in one process.
+# 2-core machine busy. TEST_WORKERS=0 runs in one process. Tests marked `serial` (stall thresholds
+# that the other workers' load would trip) run afterwards, alone.
 TEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test: install guidellm-venv
 	$(BIN)/ruff check .
-	$(PYTEST)
+	$(PYTEST) -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 # Line coverage of app/, model/ and export/ over the whole suite (in-process code; servers run in
 # their own processes and are not counted), as README "Tests" reports it.
 coverage: install guidellm-venv
-	$(PYTEST) --cov=app --cov=model --cov=export --cov-report=term
+	$(PYTEST) -m "not serial" --cov=app --cov=model --cov=export --cov-report=
+	$(BIN)/python -m pytest -m serial --cov=app --cov=model --cov=export --cov-append --cov-report=term
 
 # guidellm (vLLM's benchmark tool), run unchanged by tests/app/test_guidellm.py, in its own venv: its
 # dependencies (click~=8.4, datasets) are not ours. Exact versions in tests/guidellm-constraints.txt.

@@ -6,6 +6,11 @@
 #
 # On the lent GPU machine (../shared/gpu/README.md): stage onnxruntime-gpu first, then one call
 #   . .device/base/setup.sh && bash bench/gpu_check.sh $OUT
+# ../shared/gpu/stage-wheels.sh (2026-12-04) does not stage httptools and orjson, which the server
+# imports (the H200 run found the server test failing on httptools). Add them to .device/base/whl first:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .device/base/whl httptools==0.9.0 orjson==3.13.0      (the constraints.txt versions)
 # Sized for a 15-minute lease that includes the machine's start: the tests get 4 minutes, the
 # benchmark 5 (2 rounds, the fp16 systems the targets name, 8 s closed loops); TESTS_TIMEOUT and
 # BENCH_TIMEOUT (seconds) shorten either when less of the lease is left. Both run even if

@@ -21,17 +21,19 @@ import pytest
 
 from tests.app.conftest import REPO, Server, base_env, metric, scrape, start_server, stop_server
 
+pytestmark = pytest.mark.serial
+
 logger = logging.getLogger(__name__)
 
 MAX_CONCURRENT = 8
 # What a stream may wait between two tokens while the big requests arrive, and how late the loop may
 # run its 100 ms timer. Without the fixes the 1.9 MB /tokenize alone froze every stream for 5 s here;
 # with them the longest gap was 0.36 s and the loop's worst lag under 0.25 s, on 2 cores shared with
-# other jobs (load average 10). The bounds leave room for that noise, not for a stall: under
-# `make test`'s 3 xdist workers on those 2 cores the timer once ran 0.5-1 s late twice, so a late
-# tick is one past 1 s, a fifth of the stall the fixes removed.
+# other jobs (load average 10). The bounds leave room for that noise, not for a stall. Beside
+# `make test`'s 3 xdist workers on those 2 cores they did not hold (a 1.4 s gap, ticks 0.5-1 s
+# late): this module is `serial`, run after the workers, alone.
 MAX_GAP_S = 1.0
-MAX_LAG_S = "1.0"  # a bucket of gpt2_event_loop_lag_seconds
+MAX_LAG_S = "0.5"  # a bucket of gpt2_event_loop_lag_seconds
 
 
 def big_text(n_chars: int, seed: int = 0) -> str:
