@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 64
+# Fields whose size reaches per-token work are bounded (issue 27): the engine checks each new
+# token against the stop token ids (a set) and adds the biases every step.
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_TOKEN_ID_DIGITS = 10  # any token id fits; Python refuses int() of a string past 4,300 digits
 
 ErrorType = Literal["validation", "overloaded", "generation", "unavailable", "not_found", "unauthorized"]
 

@@ -105,7 +105,7 @@ class GenerationRequest:
     stop_at_eos: bool = True
     logprobs: int | None = None  # alternatives per generated token (OpenAI `logprobs`, TGI `top_n_tokens`)
     prompt_logprobs: int | None = None  # score the prompt: each token's logprob and this many alternatives
-    stop_token_ids: list[int] = field(default_factory=list)  # more tokens that end it (vLLM's stop_token_ids)
+    stop_token_ids: frozenset[int] = frozenset()  # more tokens that end it (vLLM's stop_token_ids)
     skip_special_tokens: bool = True  # special tokens add no text (vLLM's skip_special_tokens)
 
 

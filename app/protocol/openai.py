@@ -18,7 +18,13 @@ from app.engine.engine import Engine, InputError
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest
 from app.protocol.logprobs import ChatLogprobs, CompletionLogprobs
-from app.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+from app.schemas import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOKEN_ID_DIGITS,
+)
 
 MAX_PROMPTS = 16  # prompts in one completions request
 SEED_MOD = 2**63
@@ -133,11 +139,20 @@ class SamplingFields(OpenAIModel):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids, not {len(v)}")
         for key, bias in (v or {}).items():
-            if not key.isascii() or not key.isdigit():
+            if not key.isascii() or not key.isdigit() or len(key) > MAX_TOKEN_ID_DIGITS:
                 raise ValueError(f"key {key[:20]!r} is not a token id")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias {bias} of token {key} is outside [-100, 100]")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(v) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} token ids, not {len(v)}")
         return v
 
     @property
@@ -251,7 +266,7 @@ def sampling_params(body: SamplingFields, engine: Engine, seed: int | None) -> S
         if int(key) >= vocab:
             raise InputError("logit_bias", f"token id {key} is out of the vocabulary (0 to {vocab - 1})")
         bias[int(key)] = float(value)
-    stop_ids = list(body.stop_token_ids or [])
+    stop_ids = sorted(set(body.stop_token_ids or ()))
     if any(not 0 <= t < vocab for t in stop_ids):
         raise InputError("stop_token_ids", f"token ids must be in the vocabulary (0 to {vocab - 1})")
     eos = engine.tokenizer.eos_token_id
@@ -303,7 +318,7 @@ async def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[i
         name = {"inputs": field, "max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}.get(e.field, e.field)
         message = str(e).split(": ", 1)[1].replace("inputs (", "prompt (").replace("max_new_tokens", "max_tokens")
         raise InputError(name, message) from e
-    first.stop_token_ids = list(body.stop_token_ids or [])
+    first.stop_token_ids = frozenset(body.stop_token_ids or ())  # checked for every token: a set
     first.stop_at_eos = not body.ignore_eos
     first.skip_special_tokens = body.skip_special_tokens is not False
     out = [first]

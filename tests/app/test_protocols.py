@@ -130,6 +130,12 @@ def test_n_and_best_of(oai, srv, name) -> None:
     ({"logit_bias": {"abc": 1}}, "logit_bias", "logit_bias: Value error, key 'abc' is not a token id"),
     ({"logit_bias": {"5": 101}}, "logit_bias", "logit_bias: Value error, bias 101"),
     ({"logit_bias": {"50257": 1}}, "logit_bias", "logit_bias: token id 50257 is out of the vocabulary"),
+    # Python's int() refuses a string past 4,300 digits: this key was a 500 (issue 27)
+    ({"logit_bias": {"7" * 5000: 1}}, "logit_bias", "logit_bias: Value error, key '77777777777777777777' is not a"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias",
+     "logit_bias: Value error, at most 1024 token ids, not 1025"),
+    ({"extra_body": {"stop_token_ids": list(range(1025))}}, "stop_token_ids",
+     "stop_token_ids: Value error, at most 1024 token ids, not 1025"),
     ({"extra_body": {"min_tokens": 5}}, "min_tokens", "min_tokens: min_tokens (5) must be less than or equal"),
     ({"extra_body": {"stop_token_ids": [60000]}}, "stop_token_ids", "stop_token_ids: token ids must be in"),
     ({"extra_body": {"use_beam_search": True}}, "use_beam_search", "use_beam_search: Value error, use_beam_search is "
