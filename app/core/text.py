@@ -20,6 +20,8 @@ import json
 import re
 from typing import Any
 
+import numpy as np
+
 # A \u escape of a high surrogate not followed by one of a low surrogate, or of a low one not
 # preceded by a high one. A pair (what `json.dumps` writes for an emoji) is one character once decoded.
 _HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
@@ -89,3 +91,27 @@ def _describe(m: re.Match, stray_bytes: bool) -> str:
         return f"is not valid Unicode text: byte 0x{code - 0xDC00:02X} at character {m.start()} is not UTF-8"
     return (f"is not valid Unicode text: a lone surrogate U+{code:04X} at character {m.start()} (half of a UTF-16 "
             f"pair, which is no character)")
+
+
+# ---- how deep a body nests (issue 27) ----------------------------------------------------------
+# JSON's parser takes about 1,000 levels; whatever walks the parsed value recursively (pydantic, a
+# chat template's `tojson` of `tools`) can then die of a RecursionError: a 500 and thousands of log
+# lines. No request of these APIs nests past a few dozen levels, so deeper bodies are refused here.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply the arrays and objects of the JSON `body` nest (brackets inside strings do not
+    count). Two counts decide nearly every body; past them, a regular expression drops the
+    strings and a cumulative sum over the brackets gives the depth, all in C."""
+    opens = body.count(b"[") + body.count(b"{")
+    if opens <= MAX_JSON_DEPTH:
+        return opens  # never deeper than it has brackets
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    steps = np.frombuffer(brackets.translate(_STEPS), dtype=np.int8)
+    return int(np.cumsum(steps, dtype=np.int64).max())

@@ -188,3 +188,39 @@ def test_bytes_that_are_not_utf8_are_a_4xx_naming_the_field(connection) -> None:
     status, data, will_close = connection.post("/generate", b'{"inputs": "a\xed\xa0\x80b"}')
     assert status == 422 and json.loads(data)["error"].startswith("inputs: ") and "U+D800" in data.decode(), data
     assert not will_close
+
+
+def test_json_depth_counts_brackets_outside_strings() -> None:
+    from app.core.text import MAX_JSON_DEPTH, json_depth
+
+    assert json_depth(b'{"a": [1, {"b": []}]}') <= 4 <= MAX_JSON_DEPTH  # the bracket count bounds a small body
+    nested = 1
+    for _ in range(900):
+        nested = [nested]
+    assert json_depth(json.dumps({"tools": nested}).encode()) == 901
+    # brackets and escaped quotes inside strings do not count, however many
+    assert json_depth(json.dumps({"s": 'a"[{' * 500, "x": [[1]]}).encode()) == 3
+    assert json_depth(json.dumps({"t": [[[[1]]]] * 40}).encode()) == 5
+
+
+def test_json_nested_past_the_limit_is_a_4xx_in_the_routes_envelope(scoring_server) -> None:
+    """Chat `tools` nested 900 deep (inside the JSON parser's limit) were a 500 from a recursion
+    error, with thousands of log lines (issue 27, item 7)."""
+    import httpx
+
+    # 900 levels, written out: Python's own encoder stops near 1,000 (the server's parser does not)
+    deep = '{"type": "object", "properties": {"p": ' * 450 + '{"type": "string"}' + "}}" * 450
+    tool = '{"type": "function", "function": {"name": "f", "parameters": %s}}'
+    chat = ('{"messages": [{"role": "user", "content": "Hi"}], "tools": [%s], "tool_choice": "none", '
+            '"max_tokens": 2}')
+    headers = {"Content-Type": "application/json"}
+    r = httpx.post(scoring_server.url + "/v1/chat/completions", content=chat % (tool % deep), headers=headers,
+                   timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text[:300]
+    assert "nested 905 levels deep, more than 64" in r.json()["error"]["message"], r.text[:300]
+    r = httpx.post(scoring_server.url + "/generate", content='{"inputs": "Hi", "parameters": {"x": ' + deep + "}}",
+                   headers=headers, timeout=60)
+    assert r.status_code == 422 and r.json()["error"].startswith("body: JSON nested"), r.text[:300]
+    ok = httpx.post(scoring_server.url + "/v1/chat/completions", content=chat % (tool % '{"type": "object"}'),
+                    headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text[:300]
