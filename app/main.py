@@ -23,7 +23,7 @@ from app.api.routing import INLINE_JSON_BYTES, Route, off_loop
 from app.core.config import Settings, get_settings
 from app.core.errors import UnauthorizedError, error_response, error_type_for, install_error_handlers
 from app.core.metrics import Metrics
-from app.core.text import MAX_JSON_DEPTH, json_depth, lone_surrogate, suspect
+from app.core.text import refused_body
 from app.engine.engine import Engine
 from app.loading.engine_loader import load_engine
 from app.loading.loader import LoadCancelledError, one_line
@@ -172,16 +172,10 @@ class RequestContextMiddleware:
                 except ClientGoneError:
                     status["code"] = 499  # nothing runs: counted apart from bad input, as nginx's 499
                     return
-                bad = None
-                if suspect(body):  # the one rule where text enters (app.core.text)
-                    bad = lone_surrogate(body) if len(body) <= INLINE_JSON_BYTES else await off_loop(lone_surrogate,
-                                                                                                      body)
+                # the rules where a body enters (app.core.text): Unicode, nesting depth
+                bad = refused_body(body) if len(body) <= INLINE_JSON_BYTES else await off_loop(refused_body, body)
                 if bad is not None:
                     return await reply(422, "validation", f"{bad[0]}: {bad[1]}", param=bad[0])
-                depth = json_depth(body) if len(body) <= INLINE_JSON_BYTES else await off_loop(json_depth, body)
-                if depth > MAX_JSON_DEPTH:
-                    return await reply(422, "validation", f"body: JSON nested {depth} levels deep, more than "
-                                                          f"{MAX_JSON_DEPTH}", param="body")
                 scope["state"]["raw_body"] = body  # for the error handler's not-UTF-8 check
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)

@@ -128,10 +128,10 @@ def _top_n_straight_into_topk(model: onnx_ir.Model) -> None:
         if node.op_type != "TopK":
             continue
         k, links = node.inputs[1], []
-        while k is not None and k is not top_n and k.producer() is not None \
-                and k.producer().op_type in passthrough:
-            links.append(k.producer())
-            k = k.producer().inputs[0]
+        while k is not None and k is not top_n and (link := k.producer()) is not None \
+                and link.op_type in passthrough:
+            links.append(link)
+            k = link.inputs[0]
         if k is not top_n:
             raise RuntimeError(f"TopK {node.name!r}: k does not come from the {TOP_N} input")
         node.replace_input_with(1, top_n)

@@ -61,19 +61,19 @@ def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny_cls"), "classify", seed=1)
 
 
-def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run's base temporary directory: under pytest-xdist, the one above each worker's own
-    (`popen-gwN`), shared by all workers and removed with them."""
+def run_root(tmp_path_factory: pytest.TempPathFactory, config: pytest.Config) -> Path:
+    """The run's base temporary directory: under pytest-xdist, the one above each worker's own,
+    shared by all workers and removed with them."""
     base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return base.parent if _is_worker(config) else base
 
 
 @pytest.fixture(scope="session")
-def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Path:
     """One export cache for the whole run, shared by the xdist workers: the first user of each
     checkpoint exports it (the export lock keeps two workers from exporting the same one at once;
     the tiny checkpoints are seeded, so every worker's copy hashes alike) and later ones hit it."""
-    folder = run_root(tmp_path_factory) / "onnx_cache"
+    folder = run_root(tmp_path_factory, pytestconfig) / "onnx_cache"
     folder.mkdir(exist_ok=True)
     return folder
 

@@ -105,8 +105,9 @@ _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
 
 def json_depth(body: bytes) -> int:
     """How deeply the arrays and objects of the JSON `body` nest (brackets inside strings do not
-    count). Two counts decide nearly every body; past them, a regular expression drops the
-    strings and a cumulative sum over the brackets gives the depth, all in C."""
+    count): exact past MAX_JSON_DEPTH, and at most that below it, where its bracket count (two
+    `bytes.count`, which decide nearly every body) is returned. Past it, a regular expression
+    drops the strings and a cumulative sum over the brackets gives the depth, all in C."""
     opens = body.count(b"[") + body.count(b"{")
     if opens <= MAX_JSON_DEPTH:
         return opens  # never deeper than it has brackets
@@ -115,3 +116,12 @@ def json_depth(body: bytes) -> int:
         return 0
     steps = np.frombuffer(brackets.translate(_STEPS), dtype=np.int8)
     return int(np.cumsum(steps, dtype=np.int64).max())
+
+
+def refused_body(body: bytes) -> tuple[str, str] | None:
+    """(field, message) for a body that may not enter (a lone surrogate, nesting past
+    MAX_JSON_DEPTH), or None: the middleware's one call, on or off the event loop."""
+    bad = lone_surrogate(body)
+    if bad is None and (depth := json_depth(body)) > MAX_JSON_DEPTH:
+        bad = ("body", f"JSON nested {depth} levels deep, more than {MAX_JSON_DEPTH}")
+    return bad
