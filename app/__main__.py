@@ -2,6 +2,10 @@
 
 On SIGTERM (or the first Ctrl-C) the server stops admitting (new requests and /health get 503),
 waits up to SHUTDOWN_GRACE_SECONDS for in-flight requests to finish, then shuts down and exits 0.
+Requests still running (or queued in the engine) when the grace ends are failed with
+`ShuttingDownError` (`Engine.shutdown`): a non-streamed one answers 503 in its route's envelope, a
+stream sends its final error event (then `[DONE]` on /v1); the server exits once they are answered
+(at most ANSWER_SECONDS later), so none is cut off by uvicorn's cancellation.
 A second signal shuts down at once. If loading the models fails, it exits 1.
 """
 
@@ -21,6 +25,10 @@ from app.core.connections import ConnectionLimits, connection_limit, protocol_cl
 from app.main import create_app
 
 logger = logging.getLogger("app")
+
+# After the grace period: how long the handlers of the requests it failed have to send their 503 or
+# final error event before uvicorn is told to exit.
+ANSWER_SECONDS = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -44,8 +52,15 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + grace
         while self.service.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.service.in_flight:
-            logger.warning("grace period over with %d request(s) still in flight", self.service.in_flight)
+        engine = self.service.engine
+        if engine is not None:  # refuse new engine work; fail what is left, queued requests included
+            failed = engine.shutdown()
+            if self.service.in_flight:
+                logger.warning("grace period over with %d request(s) still in flight: %d engine request(s) "
+                               "answered 503 (the server is shutting down)", self.service.in_flight, failed)
+        deadline = time.monotonic() + ANSWER_SECONDS
+        while self.service.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.should_exit = True
 
 

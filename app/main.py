@@ -28,6 +28,7 @@ from app.engine.engine import Engine
 from app.loading.engine_loader import load_engine
 from app.loading.loader import LoadCancelledError, one_line
 from app.protocol.chat_template import load_chat_template
+from app.protocol.template_sandbox import TemplateRenderer
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -72,7 +73,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         t0 = time.perf_counter()
         try:
             s = state.settings
-            state.chat_template = await asyncio.to_thread(load_chat_template, s.chat_template, s.model_path)
+            template = await asyncio.to_thread(load_chat_template, s.chat_template, s.model_path)
+            if template is not None:
+                renderer = TemplateRenderer(template, s.chat_template_workers, s.chat_template_timeout_seconds,
+                                            s.chat_template_max_chars)
+                await renderer.start()
+                state.chat_template = renderer
             engine = await asyncio.to_thread(_load_engine, state.settings, cancel)
         except LoadCancelledError:
             logger.info("loading cancelled by shutdown")
@@ -108,6 +114,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.wait({task}, timeout=30)
         if state.engine is not None:
             await asyncio.to_thread(state.engine.stop)
+        if state.chat_template is not None:
+            await state.chat_template.close()
 
 
 async def watch_event_loop(metrics: Metrics, period: float = 0.1) -> None:
@@ -219,18 +227,29 @@ else:  # pragma: no cover
 
 async def read_body(receive: Callable, state: ServiceState, content_length: str | None) -> bytes:
     """The whole request body, or `BodyRefusedError` (413 over MAX_BODY_BYTES, 408 when it stalls for
-    BODY_TIMEOUT_SECONDS, 503 when the bodies being received on all connections together would pass
-    MAX_PENDING_BODY_BYTES) or `ClientGoneError` (the client closed before its Content-Length was sent)."""
+    BODY_TIMEOUT_SECONDS or is not whole BODY_TOTAL_TIMEOUT_SECONDS after the app starts reading it,
+    503 when the bodies being received on all connections together would pass MAX_PENDING_BODY_BYTES)
+    or `ClientGoneError` (the client closed before its Content-Length was sent)."""
     s = state.settings
     limit = s.max_body_bytes
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise BodyRefusedError(413, "validation", f"request body exceeds MAX_BODY_BYTES ({limit} bytes)")
     chunks, size = [], 0
+    loop = asyncio.get_running_loop()
+    # a total, not only a pause: a byte every few seconds must not hold the connection for ever
+    deadline = loop.time() + s.body_total_timeout_seconds
+    too_slow = BodyRefusedError(408, "validation", f"the request body was not whole within "
+                                                   f"BODY_TOTAL_TIMEOUT_SECONDS ({s.body_total_timeout_seconds:g} s)")
     try:
         while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise too_slow
             try:
-                message = await _receive_within(receive, s.body_timeout_seconds)
+                message = await _receive_within(receive, min(s.body_timeout_seconds, left))
             except TimeoutError:
+                if left <= s.body_timeout_seconds:
+                    raise too_slow from None
                 raise BodyRefusedError(408, "validation", f"the request body stalled: nothing arrived for "
                                                      f"BODY_TIMEOUT_SECONDS ({s.body_timeout_seconds:g} s)") from None
             if message["type"] != "http.request":  # http.disconnect before the last chunk

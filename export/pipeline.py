@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import resource
@@ -43,6 +44,8 @@ def _check_writable(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk, not an unwritable folder: the export may succeed later
         raise ExportError(f"output folder {str(out)!r} is not writable ({e.strerror or e})") from e
 
 

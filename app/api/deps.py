@@ -12,8 +12,8 @@ from fastapi import Depends, Request
 from app.core.config import Settings
 from app.core.errors import OverloadedError, UnauthorizedError, UnavailableError
 from app.core.metrics import Metrics
-from app.engine.engine import Engine
-from app.protocol.chat_template import ChatTemplate
+from app.engine.engine import Engine, InputError
+from app.protocol.template_sandbox import TemplateRenderer
 
 
 @dataclass
@@ -23,7 +23,7 @@ class ServiceState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
-    chat_template: ChatTemplate | None = None  # for /v1/chat/completions
+    chat_template: TemplateRenderer | None = None  # for /v1/chat/completions: renders in worker processes
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
@@ -41,17 +41,23 @@ class ServiceState:
             raise UnavailableError("model is loading" if self.load_error is None else
                                    f"model failed to load: {self.load_error}")
 
-    def acquire(self) -> None:
-        """Admit one request or refuse at once: there is no unbounded queue."""
+    def acquire(self, weight: int = 1, field: str = "n") -> None:
+        """Admit a request of `weight` candidates (prompts x best_of: what it will run) or refuse at
+        once: there is no unbounded queue. More than MAX_REQUEST_CANDIDATES (or than
+        MAX_CONCURRENT_REQUESTS) in one request is a 400 naming `field`."""
         self.check_ready()
-        if self.in_flight >= self.settings.max_concurrent_requests:
+        cap = min(self.settings.max_request_candidates, self.settings.max_concurrent_requests)
+        if weight > cap:
+            raise InputError(field, f"{weight} candidates (prompts x best_of) in one request; at most {cap} "
+                                    f"(MAX_REQUEST_CANDIDATES)")
+        if self.in_flight + weight > self.settings.max_concurrent_requests:
             raise OverloadedError(f"more than MAX_CONCURRENT_REQUESTS ({self.settings.max_concurrent_requests}) "
-                                  f"requests in flight; retry later")
-        self.in_flight += 1
+                                  f"candidates in flight; retry later")
+        self.in_flight += weight
         self.metrics.in_flight.set(self.in_flight)
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, weight: int = 1) -> None:
+        self.in_flight -= weight
         self.metrics.in_flight.set(self.in_flight)
 
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 T = TypeVar("T")
 INLINE_JSON_BYTES = 64 * 1024  # parsed on the loop below this: about half a millisecond
@@ -29,6 +30,23 @@ _JSON_THREAD = ThreadPoolExecutor(1, thread_name_prefix="json")
 async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in the JSON thread: for parsing a big body (or checking it) off the event loop."""
     return await asyncio.get_running_loop().run_in_executor(_JSON_THREAD, fn, *args)
+
+
+def _dump(model: BaseModel) -> bytes:
+    """A response model's JSON as FastAPI writes it, a list of `choices` item by item: the thread
+    can hand the GIL to the event loop between two items instead of holding it for all of them."""
+    items = getattr(model, "choices", None)
+    if not isinstance(items, list) or len(items) < 2:
+        return model.__pydantic_serializer__.to_json(model)
+    rest = model.__pydantic_serializer__.to_json(model, exclude={"choices"})
+    body = b",".join(item.__pydantic_serializer__.to_json(item) for item in items)
+    return b'{"choices":[' + body + b"]" + (b"," + rest[1:] if rest != b"{}" else b"}")
+
+
+async def json_response(build: Callable[..., BaseModel], *args: Any) -> Response:
+    """`build(*args)` and its JSON, both in the JSON thread: an answer of tens of MB (many
+    candidates with log-probabilities) took 2 s to build and write on the event loop (issue 27)."""
+    return Response(await off_loop(lambda: _dump(build(*args))), media_type="application/json")
 
 
 class OffloadedJSONRequest(Request):

@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     max_total_tokens: int = Field(1024, ge=2)
     max_batch_size: int = Field(32, ge=1)
     max_batch_total_tokens: int = Field(32768, ge=2)
-    max_concurrent_requests: int = Field(128, ge=1)
+    max_concurrent_requests: int = Field(128, ge=1, description="candidates in flight (a request counts its "
+                                                                "prompts x best_of); more get 429")
+    max_request_candidates: int = Field(64, ge=1, description="prompts x best_of in one request (at most "
+                                                              "MAX_CONCURRENT_REQUESTS); more is a 400")
     max_batch_prefill_tokens: int = Field(4096, ge=1, description="padded prompt tokens per prefill call when "
                                                                   "nothing is decoding; longer prompts are chunked")
     prefill_chunk_tokens: int = Field(64, ge=1, description="prompt tokens prefilled per decode step while other "
@@ -47,6 +50,11 @@ class Settings(BaseSettings):
     max_best_of: int = Field(8, ge=1, description="candidates per prompt: TGI's best_of, OpenAI's n and best_of")
     chat_template: str | None = Field(None, description="a Jinja chat template file (or the template text) for "
                                                         "/v1/chat/completions; default: the checkpoint's")
+    chat_template_timeout_seconds: float = Field(5.0, gt=0, description="longest render of one request's chat "
+                                                                        "template (in a worker process); then 400")
+    chat_template_max_chars: int = Field(4 * 1024 * 1024, ge=1024, description="longest rendered chat prompt, in "
+                                                                               "characters; then 400")
+    chat_template_workers: int = Field(2, ge=1, description="worker processes that render chat templates")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA fp16: capture decode steps as CUDA graphs per batch bucket, checked against "
@@ -62,6 +70,9 @@ class Settings(BaseSettings):
                                                                   "then 408 (or a plain close if nothing came)")
     body_timeout_seconds: float = Field(10.0, gt=0, description="longest pause between two reads of a request "
                                                                 "body; then 408 and close")
+    body_total_timeout_seconds: float = Field(30.0, gt=0, description="the whole request body must arrive within "
+                                                                      "this, counted from when the app starts "
+                                                                      "reading it; then 408 and close")
     max_connections: int = Field(2048, ge=1, description="open connections; more get 503 at once. Lowered to fit "
                                                          "the open-file limit")
     max_pending_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="bytes held in request bodies not yet "

@@ -15,8 +15,9 @@ timeout before a request is whole. `GuardedHttpToolsProtocol` adds, per connecti
 - `MAX_CONNECTIONS`: a connection beyond it gets 503 at once and is closed, so idle sockets cannot
   use up the file descriptors (the limit is clamped below RLIMIT_NOFILE, see `connection_limit`).
 
-The body is the app's side (`app.main`): BODY_TIMEOUT_SECONDS, MAX_PENDING_BODY_BYTES and bodies
-cut short by the client. `python -m app` passes the class to `uvicorn.Config(http=...)`.
+The body is the app's side (`app.main`): BODY_TIMEOUT_SECONDS (the pause between reads),
+BODY_TOTAL_TIMEOUT_SECONDS (the whole body, a total like the head's), MAX_PENDING_BODY_BYTES and
+bodies cut short by the client. `python -m app` passes the class to `uvicorn.Config(http=...)`.
 """
 
 from __future__ import annotations

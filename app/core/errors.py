@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.text import not_utf8
-from app.engine.engine import EngineUnavailableError, InputError
+from app.engine.engine import EngineUnavailableError, InputError, ShuttingDownError
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def classify_exception(exc: BaseException) -> tuple[int, str, str]:
         return exc.status_code, exc.error_type, exc.message
     if isinstance(exc, InputError):
         return 422, "validation", str(exc)
-    if isinstance(exc, EngineUnavailableError):
+    if isinstance(exc, EngineUnavailableError | ShuttingDownError):  # ShuttingDownError: SIGTERM's grace ran out
         return 503, "unavailable", str(exc)
     return 500, "generation", "internal error"
 
@@ -210,5 +210,5 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{message} (request id {rid})"
         return error_response(request.url.path, status, error_type, message, param=exception_param(exc))
 
-    for cls in (ServiceError, InputError, EngineUnavailableError, Exception):
+    for cls in (ServiceError, InputError, EngineUnavailableError, ShuttingDownError, Exception):
         app.add_exception_handler(cls, _known)

@@ -20,7 +20,8 @@ class Metrics:
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
         self.queue = Gauge("gpt2_queue_size", "generation requests waiting for a batch slot", registry=r)
         self.batch = Gauge("gpt2_batch_size", "rows in the running batch", registry=r)
-        self.in_flight = Gauge("gpt2_requests_in_flight", "requests being served", registry=r)
+        self.in_flight = Gauge("gpt2_requests_in_flight", "candidates being served (a request counts its "
+                               "prompts x best_of)", registry=r)
         self.input_tokens = Counter("gpt2_input_tokens_total", "prompt tokens", ["task"], registry=r)
         self.generated_tokens = Counter("gpt2_generated_tokens_total", "generated tokens", registry=r)
         self.connections = Gauge("gpt2_connections_open", "open client connections", registry=r)

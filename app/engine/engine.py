@@ -65,6 +65,14 @@ class EngineUnavailableError(RuntimeError):
     """The requested model is not loaded (or the engine is stopped)."""
 
 
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down: `Engine.shutdown` ended the request before it finished, or
+    refused it (a 503 in the route's envelope; a stream's final error event)."""
+
+    def __init__(self, message: str = "the server is shutting down") -> None:
+        super().__init__(message)
+
+
 @dataclass
 class Label:
     label: str
@@ -104,6 +112,11 @@ class Engine:
             prefill_chunk_tokens=prefill_chunk_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             waiting_served_ratio=waiting_served_ratio, score_chunk_tokens=score_chunk_tokens,
         )
+        # Every request awaiting the scheduler (queued, prefilling, decoding, classifying), by a
+        # key of its own: how `shutdown` fails them. Touched from the event loop and the drain thread.
+        self._pending: dict[object, Callable[[BaseException], None]] = {}
+        self._pending_lock = threading.Lock()
+        self._closing: ShuttingDownError | None = None
 
     def start(self) -> None:
         self.capture()
@@ -148,6 +161,36 @@ class Engine:
     def kv_bytes(self) -> dict[str, int]:
         """The generation runner's KV cache memory: reserved and in use (bytes)."""
         return self.generation.runner.kv_bytes if self.generation else {"reserved": 0, "in_use": 0}
+
+    def shutdown(self, exc: ShuttingDownError | None = None) -> int:
+        """Refuse new work and fail every request awaiting the scheduler with `exc` (a
+        `ShuttingDownError`), queued ones included: each awaiting coroutine gets the error at once,
+        even while the worker is in the middle of a step, and the scheduler drops its rows (their
+        slots are free at its next iteration). Thread-safe: the SIGTERM drain calls it from its own
+        thread when the grace period ends (`app.__main__`). Returns how many requests it failed."""
+        with self._pending_lock:
+            self._closing = self._closing or exc or ShuttingDownError()
+            failing = list(self._pending.values())
+            self._pending.clear()
+        for fail in failing:
+            try:
+                fail(ShuttingDownError(str(self._closing)))  # one each: tracebacks are per raise
+            except Exception:  # e.g. its event loop is closed: nobody waits for that one
+                logger.debug("could not fail a request on shutdown", exc_info=True)
+        return len(failing)
+
+    def _register(self, fail: Callable[[BaseException], None]) -> object:
+        """Track a request `shutdown` must fail; raises `ShuttingDownError` once it has run."""
+        key = object()
+        with self._pending_lock:
+            if self._closing is not None:
+                raise ShuttingDownError(str(self._closing))
+            self._pending[key] = fail
+        return key
+
+    def _unregister(self, key: object) -> None:
+        with self._pending_lock:
+            self._pending.pop(key, None)
 
     def stop(self) -> None:
         self.scheduler.stop()
@@ -249,7 +292,20 @@ class Engine:
         write. The last event carries `finish`. Leaving early cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        seq = self.scheduler.submit(req, loop, queue)
+        seq = None
+
+        def fail(exc: BaseException) -> None:  # `shutdown`, from any thread
+            if seq is not None:
+                self.scheduler.cancel(seq)
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        key = self._register(fail)
+        try:
+            seq = self.scheduler.submit(req, loop, queue)
+        except BaseException:
+            self._unregister(key)
+            raise
         try:
             while True:
                 batch = [await queue.get()]
@@ -264,6 +320,7 @@ class Engine:
                 if batch[-1].finish is not None:
                     return
         finally:
+            self._unregister(key)
             if not seq.finished:
                 self.scheduler.cancel(seq)
 
@@ -310,8 +367,12 @@ class Engine:
             loop.call_soon_threadsafe(lambda: fut.done() or (fut.set_exception(result) if isinstance(
                 result, BaseException) else fut.set_result(result)))
 
-        self.scheduler.classify(prompts, done)
-        logits = await fut
+        key = self._register(done)
+        try:
+            self.scheduler.classify(prompts, done)
+            logits = await fut
+        finally:
+            self._unregister(key)
         z = np.exp(logits - logits.max(-1, keepdims=True))
         probs = z / z.sum(-1, keepdims=True)
         out = []

@@ -3,14 +3,18 @@
 Each iteration of the worker:
   1. drops rows whose request was cancelled or failed,
   2. runs pending classification batches,
-  3. admits queued generation requests in FIFO order while the batch has room (`max_batch_size`
-     rows and a budget of prompt + max_new_tokens tokens),
-  4. prefills admitted prompts: while other rows are decoding, at most `prefill_chunk_tokens`
-     prompt tokens per iteration, so a long prompt is prefilled a chunk per iteration between
-     decode steps instead of stalling every running stream; with nothing decoding, or with at
-     least `waiting_served_ratio` times as many prompts waiting as rows decoding (TGI's rule: a
-     burst is better served by one pause than by many chunked steps), up to
-     `max_batch_prefill_tokens` (rows x longest prompt) in one call,
+  3. admits queued generation requests while the batch has room (`max_batch_size` rows and a
+     budget of prompt + max_new_tokens tokens), fairly between requests (`_admit`): first the rows
+     of the request (`GenerationRequest.group`) that holds the fewest rows, first come first served
+     among equals; and a request that already holds a row leaves `max_batch_size // 8` rows free
+     for others. So one request of many candidates cannot keep another's first token waiting for
+     more than a few steps (issue 27),
+  4. prefills admitted prompts (of requests with the fewest rows decoding first): while other
+     rows are decoding, at most `prefill_chunk_tokens` prompt tokens per iteration, so a long
+     prompt is prefilled a chunk per iteration between decode steps instead of stalling every
+     running stream; with nothing decoding, or with at least `waiting_served_ratio` times as many
+     prompts waiting as rows decoding (TGI's rule: a burst is better served by one pause than by
+     many chunked steps), up to `max_batch_prefill_tokens` (rows x longest prompt) in one call,
   5. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
 New requests therefore join between decode steps and finished ones leave at once. Events reach
 each request's asyncio queue through `loop.call_soon_threadsafe`, once per iteration for all the
@@ -24,7 +28,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +111,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # score the prompt: each token's logprob and this many alternatives
     stop_token_ids: frozenset[int] = frozenset()  # more tokens that end it (vLLM's stop_token_ids)
     skip_special_tokens: bool = True  # special tokens add no text (vLLM's skip_special_tokens)
+    group: object = None  # the API request it is a candidate of (prompts x best_of): admission is fair between groups
 
 
 class _Seq:
@@ -210,6 +215,10 @@ class _Seq:
     def fail(self, exc: BaseException) -> None:
         self.finished = True
         self.emit(exc)
+
+
+def _group(seq: _Seq) -> object:
+    return seq if seq.req.group is None else seq.req.group
 
 
 def _scored(seq: _Seq) -> bool:
@@ -374,18 +383,30 @@ class Scheduler:
         waiting = list(self._prefilling) + ([self._chunked[0]] if self._chunked else [])
         used = sum(s.budget for s in self._active + waiting)
         busy = len(self._active) + len(waiting)
+        rows = Counter(_group(s) for s in self._active + waiting)  # rows each request holds
+        reserve = self.max_batch_size // 8  # rows a request that holds some leaves to the others
         admitted: list[_Seq] = []
         with self._cond:
+            if any(s.cancelled for s in self._queue):
+                self._queue = deque(s for s in self._queue if not s.cancelled)
             while self._queue and busy + len(admitted) < self.max_batch_size:
-                head = self._queue[0]
-                if head.cancelled:
-                    self._queue.popleft()
-                    continue
-                # FIFO: when the head does not fit the token budget, nobody overtakes it
-                # (unless the batch is empty: a request alone always runs).
+                # the row of the request holding the fewest rows; the first queued among equals
+                at, fewest = 0, rows[_group(self._queue[0])]
+                for i, s in enumerate(self._queue):
+                    if fewest == 0:
+                        break
+                    if rows[_group(s)] < fewest:
+                        at, fewest = i, rows[_group(s)]
+                head = self._queue[at]
+                if fewest and self.max_batch_size - (busy + len(admitted) + 1) < reserve:
+                    break
+                # When it does not fit the token budget, nobody overtakes it (unless the batch is
+                # empty: a request alone always runs).
                 if used + head.budget > self.max_batch_total_tokens and (busy or admitted):
                     break
-                admitted.append(self._queue.popleft())
+                del self._queue[at]
+                admitted.append(head)
+                rows[_group(head)] += 1
                 used += head.budget
         return admitted
 
@@ -402,6 +423,9 @@ class Scheduler:
     def _generation_step(self) -> None:
         t0 = time.perf_counter()
         self._prefilling.extend(self._admit())
+        if len(self._prefilling) > 1:  # prompts of requests with the fewest rows decoding first (a stable sort)
+            decoding = Counter(_group(s) for s in self._active)
+            self._prefilling = deque(sorted(self._prefilling, key=lambda s: decoding[_group(s)]))
         new = self._prefill()
         if self._active:
             sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))

@@ -146,6 +146,12 @@ class ExportLock:
         self._beat.start()
         return True
 
+    def still_held(self) -> bool:
+        """Whether the lock file is still this holder's (False once another process took it over:
+        its export may have failed because the new holder removed this one's folder)."""
+        held = _read(self.path)
+        return not self.lost and held is not None and held[0].get("token") == self.token
+
     def release(self) -> None:
         """Give the lock up (only if it is still this holder's)."""
         self._stop.set()

@@ -1,13 +1,17 @@
 """A failed export is remembered, not re-run at every start.
 
-An export that failed (parity, a crash, memory) leaves `<cache entry>.failed.json` beside the
+An export that failed deterministically (its parity checks, or an error about the checkpoint or
+the options, or any other crash of the exporter) leaves `<cache entry>.failed.json` beside the
 cache entry (`loader.failure_report_path`); the entry's name already holds the checkpoint hash
 and the export options (task, precision, attention, opset). Recorded with it is the version of
 the code that made the export: the package version plus a hash of the exporter's sources. A
 later start with the same checkpoint, options and exporter reads that record and reports the
 failure at once (one line in the log and `/info`, pointing at the report) instead of spending
 minutes and gigabytes failing again. Any change to the exporter's code, `RETRY_FAILED_EXPORT=1`,
-or `python -m app.prepare --retry-failed` runs it again.
+or `python -m app.prepare --retry-failed` runs it again. A failure that may not recur is not
+recorded (`loader.TransientExportError`): the child killed by a signal (the out-of-memory killer),
+a full or failing cache disk, memory exhausted (`export_child.EXIT_TRANSIENT`), or the export lock
+taken over by another process; the next start tries again.
 """
 
 from __future__ import annotations

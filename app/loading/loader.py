@@ -19,9 +19,13 @@ binding.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +113,17 @@ class ExportFailedError(RuntimeError):
         return self.summary + (f"; full report: {self.report}" if self.report else "")
 
 
+class TransientExportError(ExportFailedError):
+    """The export did not finish for a reason that may not recur: the child was killed by a
+    signal (the out-of-memory killer's SIGKILL), the cache filesystem was full or failing, memory
+    ran out, or another process took the export lock over. Not remembered (`export_memory`):
+    the next start tries again."""
+
+    def __init__(self, cause: str, output: str = "", manifest: dict[str, Any] | None = None) -> None:
+        super().__init__(f"export did not finish: {cause}; not remembered, retried at the next start",
+                         output, manifest)
+
+
 def one_line(e: BaseException, limit: int = 400) -> str:
     """`Type: first line of the message`, at most `limit` characters: what /info, /health and the
     WARNING line show. The whole message and traceback go to the log at DEBUG."""
@@ -154,10 +169,17 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
         raise ExportFailedError(export_memory.describe(failed, report), failed.get("output", ""),
                                 failed.get("manifest"))
     memory_fit.check(checkpoint, memory_fit.export_need(checkpoint), "exporting it to ONNX")
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # One exporter per entry, across replicas sharing the cache; dead exports' leftovers go first.
     lock = export_lock.ExportLock(cache_dir, final.name, lock_stale_s)
-    if not lock.acquire(cancel):
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        acquired = lock.acquire(cancel)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise TransientExportError(f"no space left on the cache filesystem {cache_dir} "
+                                   f"({errno.errorcode[e.errno]})") from e
+    if not acquired:
         raise LoadCancelledError("export cancelled: shutting down")
     tmp = lock.tmp
     try:
@@ -170,7 +192,14 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
         logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
         try:
             _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
+        except TransientExportError as e:
+            logger.debug("the export's output:\n%s", e.output)
+            raise  # not remembered: the next start tries again
         except ExportFailedError as e:
+            if not lock.still_held():  # the new holder may have removed this export's folder
+                logger.debug("the export's output:\n%s", e.output)
+                raise TransientExportError(f"another process took the export lock {lock.path.name} over "
+                                           f"(no heartbeat seen for {lock_stale_s:.0f} s)", e.output) from e
             _write_failure_report(e, report)
             raise
         report.unlink(missing_ok=True)  # an earlier failure's report no longer applies
@@ -199,17 +228,60 @@ def _write_failure_report(e: ExportFailedError, path: Path) -> None:
         logger.debug("could not write %s (%s); the export's output:\n%s", path, err, e.output)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _error_line(output: str) -> str:
+    """The last line of the child's output that says what went wrong: not a library's warning
+    (`...: UserWarning: ...` and its indented source line), nor a traceback's indented lines."""
+    for raw in reversed(output.splitlines()):
+        line = raw.strip()
+        if not line or raw[:1].isspace() or "Warning" in line or "warn(" in line:
+            continue
+        return line
+    return "no output"
+
+
 def _summarize(returncode: int, output: str, manifest: dict[str, Any] | None) -> str:
     """One line for a failed export: the first failed parity check and how many failed, or the
-    last line the child wrote."""
+    child's last error line."""
     parity = (manifest or {}).get("parity") or {}
     failures = parity.get("failures") or []
     if failures:
         more = f" (1 of {len(failures)} failed checks)" if len(failures) > 1 else ""
         return (f"export parity failed on {parity.get('provider')} ({parity.get('precision')}): "
                 f"{failures[0]}{more}")
-    last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "no output")
-    return f"export failed (exit {returncode}): {last}"
+    return f"export failed (exit {returncode}): {_error_line(output)}"
+
+
+def _transient_cause(returncode: int, output: str, cache_dir: Path) -> str | None:
+    """Why the child stopped, when that may not recur (a signal, or `export_child`'s
+    EXIT_TRANSIENT report of a full disk, an I/O error, memory exhausted); None otherwise."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the export child was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    if returncode != export_child.EXIT_TRANSIENT:
+        return None
+    info: Any = {}
+    tag = export_child.TRANSIENT_TAG
+    if (tagged := next((ln for ln in reversed(output.splitlines()) if ln.startswith(tag)), None)) is not None:
+        with contextlib.suppress(ValueError):
+            info = json.loads(tagged[len(tag):])
+    info = info if isinstance(info, dict) else {}
+    kind, code, error = info.get("kind"), info.get("errno"), info.get("error") or _error_line(output)
+    path = info.get("path")
+    in_cache = path is None or Path(str(path)).resolve().is_relative_to(cache_dir.resolve())
+    where = f"the cache filesystem {cache_dir}" if in_cache else f"the filesystem of {path}"
+    if kind == "no_space":
+        return f"no space left on {where}" + (f" ({code})" if code else "")
+    if kind == "io_error":
+        return f"I/O error on {where} ({error})"
+    if kind == "memory":
+        return f"the export ran out of memory ({error})"
+    return f"the export child reported a transient failure ({error})"
 
 
 def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str,
@@ -237,6 +309,8 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
         if proc.returncode != 0:
             log.seek(0)
             output = log.read().decode(errors="replace")
+            if (cause := _transient_cause(proc.returncode, output, out.parent)) is not None:
+                raise TransientExportError(cause, output)
             try:
                 manifest = mf.read_manifest(out)  # written even when parity fails
             except ValueError:
@@ -255,7 +329,7 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
         path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
                                         lock_stale_s)
     except ExportFailedError as e:
-        if not (dev == "cuda" and attention == "gqa") or cuda_graphs == "on":
+        if isinstance(e, TransientExportError) or not (dev == "cuda" and attention == "gqa") or cuda_graphs == "on":
             raise
         # The GQA graph did not pass on this GPU: the standard graph still serves ONNX Runtime.
         note = f"GroupQueryAttention graph not used ({one_line(e)}); standard graph, no CUDA graphs"

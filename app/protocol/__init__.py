@@ -7,7 +7,10 @@ renders chat messages as Hugging Face's `apply_chat_template` does. What the oth
 
 from __future__ import annotations
 
-from app.engine.scheduler import Finish
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not imported at run time: the chat template worker imports this package alone
+    from app.engine.scheduler import Finish
 
 
 def mean_logprob(finish: Finish) -> float:

@@ -40,6 +40,10 @@ class ChatTemplateError(ValueError):
     """The messages cannot be rendered (the template raised, or a field it needs is missing)."""
 
 
+class ChatTemplateLimitError(ChatTemplateError):
+    """The render passed a limit (time, output size, memory) or its worker died (`template_sandbox`)."""
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body."""
 
@@ -93,9 +97,20 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: 
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, with nothing computed while compiling. Jinja folds constant
+    expressions when it compiles a template (the optimizer, and every `{{ ... }}` output), so
+    `[1] * 10**8` in a template was built, and written out as Python source (24 GB here), in the
+    server itself. With the optimizer off and `*` and `**` intercepted (`call_binop` computes them
+    as Python does), such an expression runs only when rendered: in a worker process, under its
+    limits (`template_sandbox`)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, optimized=False,
+                   extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -129,13 +144,16 @@ class ChatTemplate:
         self.source = source
         self.origin = origin  # where it came from, for /info and the logs
         self.special_tokens = dict(GPT2_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        self.named = dict(named or {})  # tokenizer_config.json's named templates ("tool_use")
         self._template = compile_template(source)
         self._tool_template = compile_template(named["tool_use"]) if named and "tool_use" in named else None
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                continue_final_message: bool = False, tools: list[dict] | None = None,
-               documents: list[dict] | None = None, kwargs: dict[str, Any] | None = None) -> str:
-        """The prompt text, as `tokenizer.apply_chat_template(messages, tokenize=False, ...)` gives it."""
+               documents: list[dict] | None = None, kwargs: dict[str, Any] | None = None,
+               max_chars: int | None = None) -> str:
+        """The prompt text, as `tokenizer.apply_chat_template(messages, tokenize=False, ...)` gives it.
+        With `max_chars`, rendering stops with `ChatTemplateLimitError` once the text is longer."""
         chat = [_plain(m) for m in messages]
         for i, m in enumerate(chat):  # transformers fills `reasoning_content` / `thinking` from each other
             reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
@@ -150,8 +168,10 @@ class ChatTemplate:
         template = self._tool_template if tools and self._tool_template is not None else self._template
         variables = {**self.special_tokens, **_plain(kwargs or {})}
         try:
-            text = template.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            text = _bounded(template, max_chars, messages=chat, tools=_plain(tools), documents=_plain(documents),
+                            add_generation_prompt=add_generation_prompt, **variables)
+        except ChatTemplateError:
+            raise
         except jinja2.exceptions.TemplateError as e:  # raise_exception(), undefined fields, sandbox refusals
             raise ChatTemplateError(str(e) or type(e).__name__) from e
         except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # e.g. content of a wrong type
@@ -162,6 +182,20 @@ class ChatTemplate:
             at = text.rindex(_CONTINUE_TAG.strip())
             text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
         return text
+
+
+def _bounded(template: jinja2.Template, max_chars: int | None, **variables: Any) -> str:
+    """`template.render(**variables)`, piece by piece when bounded: stops as soon as the text so far
+    is longer than `max_chars`, before a loop of big strings has built all of them."""
+    if max_chars is None:
+        return template.render(**variables)
+    pieces, total = [], 0
+    for piece in template.generate(**variables):
+        total += len(piece)
+        if total > max_chars:
+            raise ChatTemplateLimitError(f"the rendered text is longer than CHAT_TEMPLATE_MAX_CHARS ({max_chars})")
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def _special_tokens(folder: Path) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Hostile connections against the real server (issue 20, items 1-3), over raw loopback sockets:
 huge headers are cut with 431 as soon as they cross MAX_HEADER_BYTES, a head or body that stalls is
-closed (408 where an answer can be sent), connections past MAX_CONNECTIONS and bodies past
+closed (408 where an answer can be sent), so is a body trickled too slowly to be whole within
+BODY_TOTAL_TIMEOUT_SECONDS (issue 27), connections past MAX_CONNECTIONS and bodies past
 MAX_PENDING_BODY_BYTES get 503, and a body shorter than its Content-Length runs nothing and is
 counted as 499, apart from bad input. Everyone else keeps being served meanwhile."""
 
@@ -21,6 +22,7 @@ from tests.app.conftest import Server, base_env, metric, start_server, stop_serv
 
 HEADER_LIMIT = 16384
 HEAD_TIMEOUT = BODY_TIMEOUT = 1.5
+BODY_TOTAL = 3.0
 MAX_CONNECTIONS = 24
 PENDING_LIMIT = 200_000
 
@@ -29,7 +31,8 @@ PENDING_LIMIT = 200_000
 def guarded(tmp_path_factory, tiny_lm_dir, tiny_classifier_dir, onnx_cache) -> Iterator[Server]:
     env = base_env(tiny_lm_dir, tiny_classifier_dir, onnx_cache, MAX_HEADER_BYTES=str(HEADER_LIMIT),
                    HEADER_TIMEOUT_SECONDS=str(HEAD_TIMEOUT), BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
-                   MAX_CONNECTIONS=str(MAX_CONNECTIONS), MAX_PENDING_BODY_BYTES=str(PENDING_LIMIT))
+                   BODY_TOTAL_TIMEOUT_SECONDS=str(BODY_TOTAL), MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+                   MAX_PENDING_BODY_BYTES=str(PENDING_LIMIT))
     srv = start_server(tmp_path_factory.mktemp("guarded"), env)
     yield srv
     stop_server(srv)
@@ -189,6 +192,73 @@ def test_a_stalled_body_gets_408_and_runs_nothing(guarded) -> None:
     assert waited <= BODY_TIMEOUT + 2
     assert metric(guarded, "gpt2_requests_total", route="/generate", status="408") >= 1
     assert metric(guarded, "gpt2_generated_tokens_total") == before
+
+
+def trickle(s: socket.socket, piece: bytes, every: float, limit: float) -> tuple[bytes, float]:
+    """Send `piece` every `every` s (each well inside BODY_TIMEOUT_SECONDS) until the server answers
+    or `limit` s pass: the answer and when it came (s after the first piece)."""
+    t0, raw = time.monotonic(), b""
+    s.settimeout(every)
+    while not raw and time.monotonic() - t0 < limit:
+        try:
+            s.sendall(piece)
+            raw = s.recv(65536)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return raw, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_trickled_body_is_cut_at_the_total_deadline(guarded, framing) -> None:
+    """One byte every 0.5 s never trips the pause limit (1.5 s); the total one cuts it (issue 27)."""
+    before = metric(guarded, "gpt2_requests_total", route="/generate", status="408")
+    tokens = metric(guarded, "gpt2_generated_tokens_total")
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: 1000\r\n\r\n" if framing == "content-length" else b"Transfer-Encoding: chunked\r\n\r\n"
+    piece = b" " if framing == "content-length" else b"1\r\n \r\n"  # a chunk of one byte
+    s = connect(guarded)
+    s.sendall(head)
+    first, waited = trickle(s, piece, 0.5, BODY_TOTAL + 6)
+    rest, closing = read_until_closed(s, 5)
+    raw = first + rest
+    assert status_of(raw) == 408, (waited, raw[:300])
+    assert BODY_TOTAL - 0.5 <= waited <= BODY_TOTAL + 2, waited
+    assert closing < 4, "the connection is closed after the 408"
+    body = json_body(raw)
+    assert b"connection: close" in raw.lower()
+    assert body["error_type"] == "validation" and "BODY_TOTAL_TIMEOUT_SECONDS" in body["error"], body
+    assert metric(guarded, "gpt2_requests_total", route="/generate", status="408") == before + 1
+    assert metric(guarded, "gpt2_generated_tokens_total") == tokens
+    assert httpx.get(guarded.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_big_body_sent_at_a_steady_pace_is_not_cut_by_the_total_deadline() -> None:
+    """2 MB in 64 KB pieces over about a second, under a 2 s total: read whole (in-process)."""
+    import asyncio
+
+    from app.api.deps import ServiceState
+    from app.core.config import Settings
+    from app.main import read_body
+
+    data = bytes(range(256)) * (2 * 2**20 // 256)
+    pieces = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+    state = ServiceState(settings=Settings(max_body_bytes=3 * 2**20, max_pending_body_bytes=4 * 2**20,
+                                           body_timeout_seconds=1, body_total_timeout_seconds=2))
+
+    async def run() -> bytes:
+        sent = iter(range(len(pieces)))
+
+        async def receive() -> dict:
+            i = next(sent)
+            await asyncio.sleep(0.03)
+            return {"type": "http.request", "body": pieces[i], "more_body": i < len(pieces) - 1}
+
+        return await read_body(receive, state, str(len(data)))
+
+    assert asyncio.run(run()) == data
+    assert state.pending_body_bytes == 0
 
 
 def test_connections_past_the_limit_get_503_at_once_and_the_rest_are_served(guarded) -> None:

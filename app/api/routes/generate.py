@@ -116,19 +116,24 @@ async def run_generation(state: ServiceState, request: Request, req: GenerationR
 async def prepare(state: ServiceState, body: GenerateRequest, stream: bool = False) -> list[GenerationRequest]:
     """The engine requests of a TGI request: one, or `best_of` (app.protocol.tgi); a long prompt is
     tokenized off the event loop."""
-    return await to_requests(state.engine, body, state.settings.max_best_of, stream)
+    reqs = await to_requests(state.engine, body, state.settings.max_best_of, stream)
+    key = object()  # its best_of candidates are one request to the scheduler's fair admission
+    for r in reqs:
+        r.group = key
+    return reqs
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
     """Generate text for `inputs` (TGI's request and response). With `best_of`, the sequence with
     the highest mean token log-probability; the others in `details.best_of_sequences` (TGI)."""
-    state.acquire()
+    weight = body.parameters.best_of or 1
+    state.acquire(weight, "parameters.best_of")
     try:
         reqs = await prepare(state, body)
         finishes = await until_disconnect(request, _gather([run_generation(state, request, r) for r in reqs]))
     finally:
-        state.release()
+        state.release(weight)
     best = max(range(len(finishes)), key=lambda i: mean_logprob(finishes[i]))  # the first of equals, as TGI
     finish = finishes[best]
     prefix = body.inputs if body.parameters.return_full_text else ""

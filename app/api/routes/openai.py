@@ -20,12 +20,12 @@ from fastapi import Request
 
 from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
-from app.api.routing import api_router
+from app.api.routing import api_router, json_response
 from app.core.errors import BadRequestError, NotFoundError, stream_error
 from app.engine.engine import InputError
 from app.engine.scheduler import Finish, GenerationRequest, PromptToken, Token
 from app.protocol import mean_logprob
-from app.protocol.chat_template import ChatTemplateError
+from app.protocol.chat_template import ChatTemplateError, ChatTemplateLimitError
 from app.protocol.logprobs import StreamedTokens, chat_logprobs, completion_logprobs, text_offsets
 from app.protocol.openai import (
     ChatChoice,
@@ -93,6 +93,9 @@ async def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str 
             limit = max(1, (state.engine.limits()["max_total_tokens"] or n_prompt + 1) - n_prompt)
         groups.append(await to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of,
                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+    key = object()  # the scheduler admits the candidates of one API request fairly against other requests
+    for r in (r for g in groups for r in g):
+        r.group = key
     return n, groups
 
 
@@ -121,9 +124,10 @@ def _usage(groups: list[list[GenerationRequest]], finishes: list[tuple[Finish, G
 async def completions(body: CompletionRequest, request: Request, state: StateDep) -> Any:
     """Text completion for one prompt or several (strings or token ids): n choices each."""
     _check(state, request, body)
-    state.acquire()
+    prompts = body.prompts
+    weight = len(prompts) * candidates(body)[1]
+    state.acquire(weight, "prompt" if len(prompts) > 1 else "best_of" if body.best_of else "n")
     try:
-        prompts = body.prompts
         fields = ["prompt" if len(prompts) == 1 else f"prompt[{i}]" for i in range(len(prompts))]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         # echo + logprobs scores the prompt; echo with max_tokens 0 alone too (the engine's score-only request)
@@ -131,11 +135,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
             if body.echo else None
         n, groups = await _prepare(state, body, prompts, max_tokens, fields, body.logprobs, prompt_logprobs)
     except BaseException:
-        state.release()
+        state.release(weight)
         raise
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    include_stop = bool(body.include_stop_str_in_output)
-    tok = state.engine.tokenizer
     if body.stream:
         def choice(i: int, text: str, reason: str | None, stop_reason: Any, first: bool,
                    items: list[tuple[PromptToken | Token, int]] | None) -> dict:
@@ -148,10 +150,18 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     try:
         finishes = await _finish_all(state, request, groups, n)
     finally:
-        state.release()
+        state.release(weight)
+    # 64 candidates with 20 log-probabilities a token make tens of MB: built in the JSON thread
+    return await json_response(_completion_response, state, body, cid, created, groups, finishes)
+
+
+def _completion_response(state: ServiceState, body: CompletionRequest, cid: str, created: int,
+                         groups: list[list[GenerationRequest]], finishes: list[tuple[Finish, GenerationRequest]]
+                         ) -> CompletionResponse:
+    tok = state.engine.tokenizer
     choices = []
     for i, (f, req) in enumerate(finishes):
-        text, reason = text_and_reason(f, include_stop)
+        text, reason = text_and_reason(f, bool(body.include_stop_str_in_output))
         echo = tok.decode(req.prompt_ids) if body.echo else ""
         logprobs = None
         if body.logprobs is not None:
@@ -167,8 +177,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
                               usage=_usage(groups, finishes))
 
 
-def _chat_prompt(state: ServiceState, body: ChatCompletionRequest) -> tuple[str, str]:
-    """(prompt text, echo prefix) of a chat request, rendered with the chat template."""
+async def _chat_prompt(state: ServiceState, request: Request, body: ChatCompletionRequest) -> tuple[str, str]:
+    """(prompt text, echo prefix) of a chat request, rendered with the chat template in a worker
+    process (`app.protocol.template_sandbox`: time and size limits)."""
     template = state.chat_template
     if template is None:
         raise BadRequestError("this model has no chat template: set CHAT_TEMPLATE to a Jinja chat template file "
@@ -183,9 +194,12 @@ def _chat_prompt(state: ServiceState, body: ChatCompletionRequest) -> tuple[str,
         raise InputError("continue_final_message", "cannot be used with add_generation_prompt (send "
                                                    "add_generation_prompt: false)")
     try:
-        text = template.render(messages, add_generation_prompt=body.add_generation_prompt is not False,
-                               continue_final_message=bool(body.continue_final_message), tools=body.tools,
-                               documents=body.documents, kwargs=body.chat_template_kwargs)
+        text = await template.render(messages, add_generation_prompt=body.add_generation_prompt is not False,
+                                     continue_final_message=bool(body.continue_final_message), tools=body.tools,
+                                     documents=body.documents, kwargs=body.chat_template_kwargs)
+    except ChatTemplateLimitError as e:
+        logger.warning("request %s: chat template: %s", getattr(request.state, "request_id", "-"), e)
+        raise InputError("messages", f"the chat template could not render the messages: {e}") from e
     except ChatTemplateError as e:
         raise InputError("messages", f"the chat template refused the messages: {e}") from e
     last = messages[-1]
@@ -197,15 +211,16 @@ def _chat_prompt(state: ServiceState, body: ChatCompletionRequest) -> tuple[str,
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
     """Chat: the messages rendered with the model's chat template (CHAT_TEMPLATE or the checkpoint's)."""
     _check(state, request, body)
-    state.acquire()
+    weight = candidates(body)[1]
+    state.acquire(weight, "best_of" if getattr(body, "best_of", None) else "n")
     try:
-        text, echo = _chat_prompt(state, body)
+        text, echo = await _chat_prompt(state, request, body)
         # the rendered text holds its special tokens (no BOS added); a long one is tokenized off the loop
         ids = await state.engine.encode(text, "messages", *state.engine.prompt_limit())
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         n, groups = await _prepare(state, body, [ids], body.completion_limit, ["messages"], logprobs)
     except BaseException:
-        state.release()
+        state.release(weight)
         raise
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     tok = state.engine.tokenizer
@@ -224,7 +239,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     try:
         finishes = await _finish_all(state, request, groups, n)
     finally:
-        state.release()
+        state.release(weight)
     choices = []
     for i, (f, _) in enumerate(finishes):
         content, reason = text_and_reason(f, bool(body.include_stop_str_in_output))
@@ -345,4 +360,4 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
     finally:
         for t in tasks:
             t.cancel()
-        state.release()
+        state.release(len(reqs))

@@ -4,6 +4,7 @@ transformers' `generate` as the reference."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import transformers
 
 from app.engine import scheduler as scheduler_module
-from app.engine.engine import InputError
+from app.engine.engine import InputError, ShuttingDownError
 from app.engine.sampling import MAX_TOP_K, SamplingParams
 from app.loading.engine_loader import load_engine
 from tests.conftest import make_hf_checkpoint
@@ -592,3 +593,47 @@ def test_stop_token_ids_min_tokens_and_special_tokens(engine, hf_lm) -> None:
     req.stop_at_eos, req.skip_special_tokens = False, False
     f = run(engine.generate(req))
     assert f.generated_text == "<|endoftext|>" * 3 and f.reason == "length"
+
+
+def test_shutdown_fails_running_and_queued_requests_at_once_and_refuses_new_ones(tiny_lm_dir, tiny_classifier_dir,
+                                                                                 onnx_cache) -> None:
+    """SIGTERM's grace is over (app.__main__): every request awaiting the engine gets
+    `ShuttingDownError` at once, even while the worker is stuck in a step; its rows are dropped."""
+    eng = load_engine(tiny_lm_dir, tiny_classifier_dir, backend="onnxruntime", cache_dir=onnx_cache,
+                      max_batch_size=2, max_batch_total_tokens=4096, max_input_tokens=100)
+    eng.start()
+    runner = eng.generation.runner
+    original = runner.step
+    stepping, release = threading.Event(), threading.Event()
+
+    def held(tokens, want=None):  # the first decode step blocks until the test lets it go
+        stepping.set()
+        release.wait(30)
+        return original(tokens, want)
+
+    async def go():
+        tasks = [asyncio.create_task(eng.generate(eng.prepare(p, 50))) for p in PROMPTS[:4]]  # 2 rows, 2 queued
+        assert await asyncio.to_thread(stepping.wait, 30)
+        failed = await asyncio.to_thread(eng.shutdown)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)  # the step still holds
+        with pytest.raises(ShuttingDownError):
+            await eng.generate(eng.prepare(PROMPTS[0], 5))
+        with pytest.raises(ShuttingDownError):
+            await eng.classify(["a new request"])
+        return failed, results
+
+    runner.step = held
+    try:
+        failed, results = run(go())
+        assert failed == 4
+        assert all(isinstance(r, ShuttingDownError) for r in results), results
+        assert str(results[0]) == "the server is shutting down"
+        release.set()
+        deadline = time.monotonic() + 10
+        while eng.scheduler.batch_size or eng.scheduler.queue_size:  # their rows leave at the next step
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        release.set()
+        runner.step = original
+        eng.stop()
