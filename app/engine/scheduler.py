@@ -4,7 +4,7 @@ Each iteration of the worker:
   1. drops rows whose request was cancelled or failed,
   2. runs pending classification batches,
   3. admits queued generation requests while the batch has room (`max_batch_size` rows and a
-     budget of prompt + max_new_tokens tokens), fairly between requests (`_admit`): first the rows
+     budget of prompt + max_new_tokens tokens), fairly between requests (`admission.admit`): first the rows
      of the request (`GenerationRequest.group`) that holds the fewest rows, first come first served
      among equals; and a request that already holds a row leaves `max_batch_size // 8` rows free
      for others. So one request of many candidates cannot keep another's first token waiting for
@@ -28,13 +28,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from app.engine import admission
 from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill, PromptScores, Selected, Want
 from app.engine.sampling import Sampler, SamplingParams
 from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
@@ -217,10 +218,6 @@ class _Seq:
         self.emit(exc)
 
 
-def _group(seq: _Seq) -> object:
-    return seq if seq.req.group is None else seq.req.group
-
-
 def _scored(seq: _Seq) -> bool:
     return seq.req.prompt_logprobs is not None
 
@@ -381,34 +378,9 @@ class Scheduler:
 
     def _admit(self) -> list[_Seq]:
         waiting = list(self._prefilling) + ([self._chunked[0]] if self._chunked else [])
-        used = sum(s.budget for s in self._active + waiting)
-        busy = len(self._active) + len(waiting)
-        rows = Counter(_group(s) for s in self._active + waiting)  # rows each request holds
-        reserve = self.max_batch_size // 8  # rows a request that holds some leaves to the others
-        admitted: list[_Seq] = []
         with self._cond:
-            if any(s.cancelled for s in self._queue):
-                self._queue = deque(s for s in self._queue if not s.cancelled)
-            while self._queue and busy + len(admitted) < self.max_batch_size:
-                # the row of the request holding the fewest rows; the first queued among equals
-                at, fewest = 0, rows[_group(self._queue[0])]
-                for i, s in enumerate(self._queue):
-                    if fewest == 0:
-                        break
-                    if rows[_group(s)] < fewest:
-                        at, fewest = i, rows[_group(s)]
-                head = self._queue[at]
-                if fewest and self.max_batch_size - (busy + len(admitted) + 1) < reserve:
-                    break
-                # When it does not fit the token budget, nobody overtakes it (unless the batch is
-                # empty: a request alone always runs).
-                if used + head.budget > self.max_batch_total_tokens and (busy or admitted):
-                    break
-                del self._queue[at]
-                admitted.append(head)
-                rows[_group(head)] += 1
-                used += head.budget
-        return admitted
+            return admission.admit(self._queue, self._active + waiting, self.max_batch_size,
+                                   self.max_batch_total_tokens)
 
     def _want(self, seqs: Sequence[_Seq], scored: bool = False) -> Want:
         """What a runner call over `seqs` must return: enough top alternatives for every row, each
@@ -423,9 +395,7 @@ class Scheduler:
     def _generation_step(self) -> None:
         t0 = time.perf_counter()
         self._prefilling.extend(self._admit())
-        if len(self._prefilling) > 1:  # prompts of requests with the fewest rows decoding first (a stable sort)
-            decoding = Counter(_group(s) for s in self._active)
-            self._prefilling = deque(sorted(self._prefilling, key=lambda s: decoding[_group(s)]))
+        self._prefilling = admission.prefill_order(self._prefilling, self._active)
         new = self._prefill()
         if self._active:
             sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))
