@@ -18,8 +18,9 @@ Each iteration of the worker:
   5. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
 New requests therefore join between decode steps and finished ones leave at once. Events reach
 each request's asyncio queue through `loop.call_soon_threadsafe`, once per iteration for all the
-tokens that iteration made (one wake-up of the event loop per step, not one per token); the
-event loop never runs a model step.
+tokens that iteration made (one wake-up of the event loop per step, not one per token), and once
+more after a prefill that made first tokens: a new stream's first token does not wait for the
+decode step of the whole batch (issue 28). The event loop never runs a model step.
 """
 
 from __future__ import annotations
@@ -397,6 +398,8 @@ class Scheduler:
         self._prefilling.extend(self._admit())
         self._prefilling = admission.prefill_order(self._prefilling, self._active)
         new = self._prefill()
+        if new:  # the new rows' first tokens leave now, not after the decode step of the whole batch
+            self._flush()
         if self._active:
             sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))
             self._accept(self._active, sel)

@@ -1,6 +1,7 @@
 """Admission is fair between requests (issue 27, item 4): one request of many candidates (prompts x
 best_of, one `GenerationRequest.group`) does not keep another request's first token waiting for
-more than a few engine steps. Real ONNX Runtime runner, real tokenizer."""
+more than a few engine steps; and (issue 28) a new stream's first token is handed to the event loop
+when the prefill makes it. Real ONNX Runtime runner, real tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 
 import pytest
 
+from app.engine import scheduler as scheduler_module
 from app.loading.engine_loader import load_engine
 
 BATCH = 8
@@ -78,3 +80,41 @@ def test_rows_of_one_request_are_not_held_back_when_alone(engine) -> None:
         await asyncio.gather(*(run(r) for r in reqs))
         return max(seen)
     assert asyncio.run(go()) == BATCH
+
+
+def test_a_first_token_is_delivered_before_the_next_decode_step(engine, monkeypatch) -> None:
+    """Issue 28: the prefill's token leaves the worker at once. Before, it waited for the decode step
+    that follows in the same iteration, and tokens 1 and 2 reached the stream in one delivery."""
+    deliveries: list[dict[int, list[int]]] = []  # per hand-over to the event loop: queue -> event indexes
+    real = scheduler_module._deliver
+
+    def spy(items):
+        per_queue: dict[int, list[int]] = {}
+        for queue, ev in items:
+            if isinstance(ev, scheduler_module.StreamEvent):
+                per_queue.setdefault(id(queue), []).append(ev.index)
+        deliveries.append(per_queue)
+        real(items)
+    monkeypatch.setattr(scheduler_module, "_deliver", spy)
+
+    async def go() -> None:
+        other = engine.prepare("Someone else decoding", 80)
+        other.stop_at_eos = False
+        seen = asyncio.Event()
+
+        async def background() -> None:
+            async for _ in engine.generate_stream(other):
+                seen.set()
+        bg = asyncio.create_task(background())
+        await seen.wait()
+        deliveries.clear()  # from here, a queue that gets index 0 is a new stream's
+        for _ in range(3):  # each joins a running batch: prefill, then a decode step, in one iteration
+            req = engine.prepare("A new stream", 4)
+            req.stop_at_eos = False
+            async for _ in engine.generate_stream(req):
+                pass
+        bg.cancel()
+        await asyncio.gather(bg, return_exceptions=True)
+    asyncio.run(go())
+    firsts = [indexes for d in deliveries for indexes in d.values() if indexes[0] == 0]
+    assert firsts == [[0]] * 3, firsts
