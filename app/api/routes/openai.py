@@ -320,11 +320,13 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
     waiting = [StreamedTokens() for _ in reqs]  # generated tokens whose text is not sent yet
     done = 0
     try:
-        if obj == "chat.completion.chunk":  # the role first, as OpenAI and vLLM send it
-            for i in range(len(reqs)):
-                yield chunk(i, "", None)
+        roles = obj == "chat.completion.chunk"
         while done < len(reqs):
             i, ev = await queue.get()
+            if roles:  # the role first, as OpenAI and vLLM send it, but once the prompt is processed:
+                roles = False  # a client that times the first chunk then times the real first token
+                for k in range(len(reqs)):
+                    yield chunk(k, "", None)
             if isinstance(ev, Exception):
                 yield f"data: {json.dumps(stream_error(request.url.path, ev))}\n\n"
                 done += 1
