@@ -20,6 +20,13 @@ def group(seq: Any) -> object:
     return seq if seq.req.group is None else seq.req.group
 
 
+def one_request(reqs: Iterable[Any]) -> None:
+    """Mark engine requests (`GenerationRequest`s) as the candidates of one API request."""
+    key = object()
+    for r in reqs:
+        r.group = key
+
+
 def admit(queue: deque, held: Iterable[Any], max_batch_size: int, max_batch_total_tokens: int) -> list:
     """Take the rows to admit out of `queue` (the caller holds its lock); `held`: the rows in the
     batch or waiting for their prefill. A row's `budget` is its prompt + max_new_tokens."""

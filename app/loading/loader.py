@@ -20,7 +20,6 @@ binding.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -174,11 +173,11 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         acquired = lock.acquire(cancel)
-    except OSError as e:
-        if e.errno not in _DISK_FULL:
+    except OSError as e:  # the same classification as the export child's
+        info = export_child.transient_failure(e)
+        if info is None or info["kind"] != "no_space":
             raise
-        raise TransientExportError(f"no space left on the cache filesystem {cache_dir} "
-                                   f"({errno.errorcode[e.errno]})") from e
+        raise TransientExportError(f"no space left on the cache filesystem {cache_dir} ({info['errno']})") from e
     if not acquired:
         raise LoadCancelledError("export cancelled: shutting down")
     tmp = lock.tmp
@@ -226,9 +225,6 @@ def _write_failure_report(e: ExportFailedError, path: Path) -> None:
         e.report = path
     except OSError as err:
         logger.debug("could not write %s (%s); the export's output:\n%s", path, err, e.output)
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _error_line(output: str) -> str:

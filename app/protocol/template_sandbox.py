@@ -86,7 +86,7 @@ class TemplateRenderer:
 
     async def render(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         """The prompt text, or `ChatTemplateError` (`ChatTemplateLimitError` past a limit)."""
-        from app.api.routing import off_loop  # the JSON thread: a reply can be megabytes
+        from app.api.routing import INLINE_JSON_BYTES, off_loop  # the JSON thread: a reply can be megabytes
 
         line = await off_loop(_request_line, {"messages": messages, **kwargs})
         proc = await self._idle.get()
@@ -106,7 +106,7 @@ class TemplateRenderer:
             if not reply:
                 code = await proc.wait()
                 raise ChatTemplateLimitError(f"the chat template's worker process exited ({code}) while rendering")
-            out = json.loads(reply) if len(reply) < 65536 else await off_loop(json.loads, reply)
+            out = json.loads(reply) if len(reply) <= INLINE_JSON_BYTES else await off_loop(json.loads, reply)
             done = True
         finally:
             if done:

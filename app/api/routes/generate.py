@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import ServiceState, StateDep
 from app.api.routing import api_router
 from app.core.errors import ClientDisconnectedError, classify_exception, stream_error
+from app.engine import admission
 from app.engine.engine import InputError
 from app.engine.scheduler import Finish, GenerationRequest, StreamEvent
 from app.protocol import mean_logprob
@@ -117,9 +118,7 @@ async def prepare(state: ServiceState, body: GenerateRequest, stream: bool = Fal
     """The engine requests of a TGI request: one, or `best_of` (app.protocol.tgi); a long prompt is
     tokenized off the event loop."""
     reqs = await to_requests(state.engine, body, state.settings.max_best_of, stream)
-    key = object()  # its best_of candidates are one request to the scheduler's fair admission
-    for r in reqs:
-        r.group = key
+    admission.one_request(reqs)  # its best_of candidates, admitted fairly against other requests
     return reqs
 
 

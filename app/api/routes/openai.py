@@ -22,6 +22,7 @@ from app.api.deps import ServiceState, StateDep
 from app.api.routes.generate import SSEResponse, Tracker, run_generation, until_disconnect
 from app.api.routing import api_router, json_response
 from app.core.errors import BadRequestError, NotFoundError, stream_error
+from app.engine import admission
 from app.engine.engine import InputError
 from app.engine.scheduler import Finish, GenerationRequest, PromptToken, Token
 from app.protocol import mean_logprob
@@ -93,9 +94,7 @@ async def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str 
             limit = max(1, (state.engine.limits()["max_total_tokens"] or n_prompt + 1) - n_prompt)
         groups.append(await to_requests(state.engine, body, prompt, limit, best_of, field, state.settings.max_best_of,
                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs))
-    key = object()  # the scheduler admits the candidates of one API request fairly against other requests
-    for r in (r for g in groups for r in g):
-        r.group = key
+    admission.one_request(r for g in groups for r in g)  # admitted fairly against other requests
     return n, groups
 
 
