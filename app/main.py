@@ -56,7 +56,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         max_total_tokens=s.max_total_tokens, cancel=cancel, prefill_chunk_tokens=s.prefill_chunk_tokens,
         max_batch_prefill_tokens=s.max_batch_prefill_tokens, waiting_served_ratio=s.waiting_served_ratio,
         cuda_graphs=s.cuda_graphs, retry_failed_export=s.retry_failed_export,
-        export_lock_stale_s=s.export_lock_stale_seconds,
+        export_lock_stale_s=s.export_lock_stale_seconds, prefix_cache_bytes=s.prefix_cache_bytes,
     )
     engine.start()
     return engine
@@ -97,6 +97,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 m.kv_bytes.labels(kind).set(n)
 
         engine.scheduler.on_step = on_step
+        m.watch_prefix_cache(engine.prefix_stats)
         on_step({"queue": 0, "batch": 0, "kv_bytes": engine.kv_bytes()})
         state.engine, state.ready = engine, True
         info = engine.info()

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     chat_template_max_chars: int = Field(4 * 1024 * 1024, ge=1024, description="longest rendered chat prompt, in "
                                                                                "characters; then 400")
     chat_template_workers: int = Field(2, ge=1, description="worker processes that render chat templates")
+    prefix_caching: bool = Field(True, description="keep prompts' KV after their request (blocks of 4 tokens, "
+                                                   "least recently used evicted) and prefill only what a later "
+                                                   "prompt adds to a cached prefix")
+    prefix_cache_mb: int = Field(512, ge=0, description="the prefix cache's budget in MiB (host memory on CPU, "
+                                                        "GPU memory on CUDA); 0 turns it off")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA fp16: capture decode steps as CUDA graphs per batch bucket, checked against "
@@ -84,6 +89,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """The prefix cache's budget; 0 when PREFIX_CACHING=false."""
+        return self.prefix_cache_mb << 20 if self.prefix_caching else 0
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:

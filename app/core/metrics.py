@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -32,3 +36,27 @@ class Metrics:
         self.failures = Counter("gpt2_failures_total", "failed requests by error type", ["error_type"], registry=r)
         self.kv_bytes = Gauge("gpt2_kv_cache_bytes", "KV cache memory: reserved by the runner's buffers, and in "
                                                      "use by the tokens held", ["kind"], registry=r)
+
+    def watch_prefix_cache(self, read: Callable[[], dict[str, int] | None]) -> None:
+        """Export the prefix cache's counters, read at each scrape (`Engine.prefix_stats`): vLLM's
+        prefix_cache_queries / prefix_cache_hits (prompt tokens), and its memory against the budget."""
+        self.registry.register(_PrefixCacheCollector(read))
+
+
+class _PrefixCacheCollector(Collector):
+    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.read()
+        if st is None:
+            return
+        yield CounterMetricFamily("gpt2_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                  value=st["queries"])
+        yield CounterMetricFamily("gpt2_prefix_cache_hits", "prompt tokens whose KV came from the prefix cache",
+                                  value=st["hits"])
+        yield CounterMetricFamily("gpt2_prefix_cache_evicted_blocks", "blocks evicted from the prefix cache",
+                                  value=st["evicted_blocks"])
+        yield GaugeMetricFamily("gpt2_prefix_cache_bytes", "prefix cache memory in use", value=st["bytes_in_use"])
+        yield GaugeMetricFamily("gpt2_prefix_cache_budget_bytes", "prefix cache budget (PREFIX_CACHE_MB)",
+                                value=st["budget_bytes"])

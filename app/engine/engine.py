@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from app.engine.prefix_cache import BLOCK_TOKENS
 from app.engine.runner import Loaded
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, Scheduler, StreamEvent
@@ -135,6 +136,8 @@ class Engine:
             on = runner.capture(prompt)
             logger.info("CUDA graphs: %s (%.2f s)", "captured, self-check passed" if on else runner.graphs_reason,
                         time.perf_counter() - t0)
+            if runner.prefix is not None:  # the block copies on this device give what a whole prefill does
+                runner.check_prefix_cache((prompt * (1 + 2 * BLOCK_TOKENS // len(prompt)))[: 2 * BLOCK_TOKENS + 3])
 
     def warmup(self) -> None:
         """A prefill and a decode step at the largest batch the scheduler will run (one token per
@@ -381,6 +384,25 @@ class Engine:
             out.append([Label(self.labels[j], float(row[j])) for j in order])
         return out
 
+    def prefix_stats(self) -> dict[str, int] | None:
+        """The prefix cache's counters and memory (read from any thread); None without one."""
+        cache = self.generation.runner.prefix if self.generation else None
+        if cache is None:
+            return None
+        st = cache.stats
+        return {"queries": st.queries, "hits": st.hits, "evicted_blocks": st.evicted_blocks,
+                "bytes_in_use": cache.bytes_in_use, "budget_bytes": cache.budget_bytes,
+                "cached_tokens": cache.cached_tokens}
+
+    def prefix_info(self) -> dict[str, Any]:
+        """/info's `prefix_caching`: whether it is on (and why not), its block size and its numbers."""
+        runner = self.generation.runner
+        stats = self.prefix_stats()
+        out: dict[str, Any] = {"enabled": stats is not None, "reason": runner.prefix_off_reason}
+        if stats is not None:
+            out |= {"block_tokens": runner.prefix.B, **stats}
+        return out
+
     def info(self) -> dict[str, Any]:
         def one(lo: Loaded | None) -> dict[str, Any] | None:
             if lo is None:
@@ -389,6 +411,8 @@ class Engine:
                    "precision": lo.precision, "onnx_path": str(lo.onnx_path) if lo.onnx_path else None,
                    "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit,
                    "attention": lo.attention}
+            if lo.task == "generate":
+                out["prefix_caching"] = self.prefix_info()
             if hasattr(lo.runner, "graphs_mode"):  # the fixed-buffer CUDA runner
                 r = lo.runner
                 out["cuda_graphs"] = {"setting": r.graphs_mode, "enabled": r.graphs_on,

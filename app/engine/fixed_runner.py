@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from app.engine.kv_copy import KVCopier
 from app.engine.ort_runner import SELECT_OUTPUTS, _kv_contract, make_session
+from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_bytes, blocks_for_budget
 from app.engine.runner import (
     GenerationRunner,
     PendingPrefill,
@@ -123,7 +125,8 @@ class OrtFixedRunner(GenerationRunner):
     backend = "onnxruntime"
 
     def __init__(self, path: str | Path, device: str = "cuda", capacity: int = 32, num_threads: int | None = None,
-                 n_positions: int = 1024, cuda_graphs: str = "auto", pad_to_buckets: bool | None = None) -> None:
+                 n_positions: int = 1024, cuda_graphs: str = "auto", pad_to_buckets: bool | None = None,
+                 prefix_cache_bytes: int = 0) -> None:
         if cuda_graphs not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graphs must be auto, on or off, not {cuda_graphs!r}")
         self.device, self.capacity, self.M = device, capacity, n_positions
@@ -145,6 +148,7 @@ class OrtFixedRunner(GenerationRunner):
         self.reserved: dict[int, PendingPrefill] = {}  # slot -> the prompt being prefilled there in chunks
         self.buckets = buckets_for(capacity)
         self._io: dict[int, _BucketIO] = {}
+        self._enable_prefix_cache(prefix_cache_bytes)
         logger.info("ONNX Runtime GQA runner on fixed %s buffers: %d slots x %d positions, kv %s, buckets %s",
                     device, capacity, n_positions, self.kv_dtype.__name__, self.buckets)
 
@@ -168,6 +172,65 @@ class OrtFixedRunner(GenerationRunner):
             raise SettingRefusedError(f"CUDA_GRAPHS=on but CUDA graphs cannot be used: {reason}")
         self.graphs_on, self.graphs_reason = False, reason
         logger.warning("CUDA graphs off, decode steps run eagerly: %s", reason)
+
+    # ---- prefix cache ----------------------------------------------------------------------------
+    def _enable_prefix_cache(self, budget: int) -> None:
+        """The pool on the runner's device, (blocks, n_head, BLOCK_TOKENS, head_dim) per layer and
+        kind, allocated at start (device memory, counted by the memory check); copies by graph
+        (`app.engine.kv_copy`)."""
+        self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
+        if budget <= 0:
+            return
+        i, size = self.info, np.dtype(self.kv_dtype).itemsize
+        n = blocks_for_budget(budget, i.n_layer, i.n_head, i.head_dim, size)
+        if n < 1:
+            self.prefix_off_reason = f"PREFIX_CACHE_MB holds no block of {BLOCK_TOKENS} tokens"
+            return
+        pool = [DeviceBuffer((n, i.n_head, BLOCK_TOKENS, i.head_dim), self.kv_dtype, self.device)
+                for _ in self.past_names]
+        self.copier = KVCopier(self.kv, pool, self.device, BLOCK_TOKENS)
+        self.prefix = PrefixCache(n, block_bytes(i.n_layer, i.n_head, i.head_dim, size),
+                                  self.copier.save, self.copier.load)
+
+    def check_prefix_cache(self, prompt: Sequence[int]) -> bool:
+        """On the serving device, check that a prompt prefilled after a cached head gives the
+        first token and log-probabilities of the same prompt prefilled whole, and its greedy
+        steps the same tokens; else turn the cache off with the reason. Needs an empty batch;
+        leaves the cache empty."""
+        if self.prefix is None:
+            return False
+        prompt = list(prompt)
+        if len(prompt) <= BLOCK_TOKENS:
+            raise ValueError(f"the check needs a prompt of more than {BLOCK_TOKENS} tokens")
+        try:
+            whole = self._greedy_tokens(lambda: self.add([prompt], Want(top_n=5)))
+            if self.prefix_hit(prompt) == 0:
+                raise RuntimeError("the prompt's blocks were not kept")
+            pending = self.start_prefill(prompt)
+            reused = self._greedy_tokens(lambda: self.advance(pending, len(prompt), Want(top_n=5)))
+            if whole[0] != reused[0] or not np.allclose(whole[1], reused[1], atol=1e-2):
+                raise RuntimeError(f"a cached head gives {reused[0]} ({reused[1]}), the whole prompt {whole[0]} "
+                                   f"({whole[1]})")
+        except Exception as e:
+            self.reset()
+            self.prefix, self.prefix_off_reason = None, f"self-check failed: {type(e).__name__}: {e}"[:300]
+            logger.warning("prefix caching off: %s", self.prefix_off_reason)
+            return False
+        self.reset()
+        self.prefix.clear()
+        logger.info("prefix cache: %d blocks of %d tokens on %s (%d MiB); self-check passed",
+                    self.prefix.num_blocks, BLOCK_TOKENS, self.device, self.prefix.budget_bytes >> 20)
+        return True
+
+    def _greedy_tokens(self, prefill) -> tuple[list[int], np.ndarray]:  # noqa: ANN001
+        """(top-5 of the first token then SELF_CHECK_STEPS greedy tokens, the first's log-probabilities)
+        of one prompt, the batch emptied after."""
+        first = prefill()
+        out = [int(first.top_ids[0, 0])]
+        for _ in range(SELF_CHECK_STEPS):
+            out.append(int(self.step([out[-1]]).top_ids[0, 0]))
+        self.drop([0])
+        return [*first.top_ids[0].tolist(), *out[1:]], first.top_logprobs[0]
 
     # ---- bookkeeping -----------------------------------------------------------------------------
     @property
@@ -234,7 +297,11 @@ class OrtFixedRunner(GenerationRunner):
             i = j
         self.slots += slots
         self.lengths += [len(p) for p in prompts]
-        return _concat(parts)
+        out = _concat(parts)
+        self._count_misses(prompts)
+        for b, p in enumerate(prompts):
+            self._keep(p, slots[b], out.prompt[b] if out.prompt else None, want.score_top_n)
+        return out
 
     def _prefill(self, prompts: Sequence[Sequence[int]], start: int, want: Want) -> Selected:
         k, T = len(prompts), max(len(p) for p in prompts)
@@ -248,10 +315,12 @@ class OrtFixedRunner(GenerationRunner):
         logits, *sel = self._eager(feed, start, k, want.logits)
         return parse_selection(first, last, want, *sel, logits)
 
-    def start_prefill(self, prompt: Sequence[int]) -> PendingPrefill:
+    def start_prefill(self, prompt: Sequence[int], score_k: int | None = None) -> PendingPrefill:
+        """The prompt gets a slot of its own; a cached head is loaded there first."""
         pending = super().start_prefill(prompt)
         self._check_room([len(prompt)])
         (slot,) = self._take_slots(1)
+        self._reuse(pending, score_k, slot)
         pending.state = slot
         self.reserved[slot] = pending
         return pending
@@ -260,6 +329,7 @@ class OrtFixedRunner(GenerationRunner):
         want = want or Want()
         slot = pending.state
         ids, pos, end = pending.next_chunk(n_tokens)
+        want = pending.chunk_want(want, end)
         c = ids.shape[1]
         first, last = np.zeros(1, np.int64), np.full(1, c - 1)
         feed = {"input_ids": ids, "position_ids": pos, "seqlens_k": np.array([end - 1], np.int32),
@@ -278,6 +348,7 @@ class OrtFixedRunner(GenerationRunner):
         pending.state = None
         self.slots.append(slot)
         self.lengths.append(end)
+        self._keep(pending.prompt, slot, out.prompt[0] if out.prompt else None, want.score_top_n)
         return out
 
     def abort(self, pending: PendingPrefill) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_bytes, blocks_for_budget
 from app.engine.runner import (
     KV,
     ClassificationRunner,
@@ -200,7 +201,7 @@ class OrtSlotRunner(GenerationRunner):
 
     def __init__(self, path: str | Path, device: str = "cpu", num_threads: int | None = None,
                  n_positions: int = 1024, initial_capacity: int = 4, session_config: dict[str, str] | None = None,
-                 initial_width: int = 64, max_rows: int | None = None) -> None:
+                 initial_width: int = 64, max_rows: int | None = None, prefix_cache_bytes: int = 0) -> None:
         if device != "cpu":
             raise ValueError("the GroupQueryAttention graph runs on CPU here; CUDA uses the standard graph")
         self.sess = make_session(path, device, num_threads, session_config)
@@ -217,12 +218,43 @@ class OrtSlotRunner(GenerationRunner):
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._grow(*self.first_size)
+        self._enable_prefix_cache(prefix_cache_bytes)
         logger.info("ONNX Runtime GQA generation runner on cpu, %d layers, kv %s, KV buffers growing to %d positions",
                     self.info.n_layer, np.dtype(self.kv_dtype).name, n_positions)
 
     @property
     def num_rows(self) -> int:
         return int(self.lengths.shape[0])
+
+    def _enable_prefix_cache(self, budget: int) -> None:
+        """The prefix cache's pool: (blocks, n_head, BLOCK_TOKENS, head_dim) per layer and kind, in
+        host memory beside the batch buffers. numpy's zeros are pages the kernel maps on first
+        write, so the budget is an upper bound, not memory taken at start."""
+        self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
+        if budget <= 0:
+            return
+        i = self.info
+        n = blocks_for_budget(budget, i.n_layer, i.n_head, i.head_dim, np.dtype(self.kv_dtype).itemsize)
+        if n < 1:
+            self.prefix_off_reason = f"PREFIX_CACHE_MB holds no block of {BLOCK_TOKENS} tokens"
+            return
+        self.pool = [np.zeros((n, i.n_head, BLOCK_TOKENS, i.head_dim), self.kv_dtype) for _ in self.past_names]
+        self.prefix = PrefixCache(n, block_bytes(i.n_layer, i.n_head, i.head_dim, np.dtype(self.kv_dtype).itemsize),
+                                  self._save_blocks, self._load_blocks)
+
+    def _save_blocks(self, row: int, start: int, pool_ids: list[int]) -> None:
+        n, (H, B, D) = len(pool_ids), self.pool[0].shape[1:]
+        for buf, pool in zip(self.bufs, self.pool, strict=True):
+            pool[pool_ids] = buf[row, :, start:start + n * B].reshape(H, n, B, D).transpose(1, 0, 2, 3)
+
+    def _load_blocks(self, row: int, pool_ids: list[int]) -> None:
+        n, (H, B, D) = len(pool_ids), self.pool[0].shape[1:]
+        row = self.capacity if row < 0 else row
+        for buf, pool in zip(self.bufs, self.pool, strict=True):
+            buf[row, :, :n * B] = pool[pool_ids].transpose(1, 0, 2, 3).reshape(H, n * B, D)
+
+    def _before_load(self, dst: int, tokens: int) -> None:
+        self._grow(self.num_rows, tokens)
 
     @property
     def kv_bytes(self) -> dict[str, int]:
@@ -331,7 +363,11 @@ class OrtSlotRunner(GenerationRunner):
         logits, *sel = self._run(ids, pos, lengths - 1, slice(n, n + k),
                                  select_inputs(first, last, T, want, prompts))
         self.lengths = np.concatenate([self.lengths, lengths])
-        return parse_selection(first, last, want, *sel, logits)
+        out = parse_selection(first, last, want, *sel, logits)
+        self._count_misses(prompts)
+        for b, p in enumerate(prompts):
+            self._keep(p, n + b, out.prompt[b] if out.prompt else None, want.score_top_n)
+        return out
 
     def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
         if len(tokens) != self.num_rows:
@@ -366,6 +402,7 @@ class OrtSlotRunner(GenerationRunner):
     def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
         want = want or Want()
         ids, pos, end = pending.next_chunk(n_tokens)
+        want = pending.chunk_want(want, end)
         self._check_room(np.asarray([end]))
         self._grow(self.num_rows, end)
         c = ids.shape[1]
@@ -387,7 +424,16 @@ class OrtSlotRunner(GenerationRunner):
             buf[n, :, :end] = buf[self.capacity, :, :end]
         self.lengths = np.concatenate([self.lengths, [end]])
         self.chunk_done = 0
+        self._keep(pending.prompt, n, out.prompt[0] if out.prompt else None, want.score_top_n)
         return out
+
+    def start_prefill(self, prompt: Sequence[int], score_k: int | None = None) -> PendingPrefill:
+        """The prompt goes to the spare row; a cached head is loaded there first."""
+        pending = super().start_prefill(prompt)
+        self._check_room(np.asarray([len(prompt)]))
+        self._reuse(pending, score_k, -1)  # -1: the spare row (`capacity`, which a load may not move)
+        self.chunk_done = pending.done
+        return pending
 
     def abort(self, pending: PendingPrefill) -> None:
         super().abort(pending)

@@ -32,9 +32,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from app.engine.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +166,14 @@ class PendingPrefill:
     def remaining(self) -> int:
         return len(self.prompt) - self.done
 
+    def chunk_want(self, want: Want, end: int) -> Want:
+        """`want` for the chunk that ends at `end`: a chunk before the last one scores its last
+        position as a prompt position, so that position is not divided by the row's temperature
+        (only the next token's distribution is)."""
+        if end == len(self.prompt) or want.temperature is None:
+            return want
+        return Want(want.top_n, None, want.score, want.score_top_n, want.logits)
+
     def next_chunk(self, n_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(ids, positions), both (1, c), of the next c <= n_tokens prompt tokens (at least one),
         and the cache length once they are in."""
@@ -177,6 +188,10 @@ class GenerationRunner(ABC):
     backend: str = "?"
     device: str = "cpu"
     info: ModelInfo
+    # Automatic prefix caching (`app.engine.prefix_cache`): None when off, and why.
+    prefix: PrefixCache | None = None
+    prefix_off_reason: str | None = "not supported by this runner (a left-padded batch: the PyTorch fallback and " \
+                                    "the standard-attention ONNX graph)"
 
     @property
     @abstractmethod
@@ -195,10 +210,43 @@ class GenerationRunner(ABC):
         """Remove rows by index (indices refer to the batch before the call). Returns, for each
         remaining row in its new place, its index before the call (the order may change)."""
 
-    def start_prefill(self, prompt: Sequence[int]) -> PendingPrefill:
+    def start_prefill(self, prompt: Sequence[int], score_k: int | None = None) -> PendingPrefill:
+        """A prompt to prefill a chunk at a time. With a prefix cache, the cached head of the prompt
+        is loaded and the prefill starts after it (`score_k`: the prompt is scored with that many
+        alternatives, so only blocks that kept scores count)."""
         if not len(prompt):
             raise ValueError("every prompt needs at least one token")
         return PendingPrefill(list(prompt))
+
+    def prefix_hit(self, prompt: Sequence[int], score_k: int | None = None) -> int:
+        """Prompt tokens `start_prefill` would reuse from the prefix cache (a peek: not counted)."""
+        return self.prefix.lookup(prompt, score_k, count=False).reuse if self.prefix is not None else 0
+
+    def _reuse(self, pending: PendingPrefill, score_k: int | None, dst: Any) -> None:
+        """Load the cached head of `pending`'s prompt into the runner's row `dst`; the prefill
+        goes on after it."""
+        if self.prefix is None:
+            return
+        hit = self.prefix.lookup(pending.prompt, score_k)
+        if hit.reuse:
+            self._before_load(dst, len(hit.pool_ids) * self.prefix.B)
+            self.prefix.load(hit, dst)
+            pending.done = hit.reuse
+            pending.scores = [hit.scores] if hit.scores is not None else []
+
+    def _before_load(self, dst: Any, tokens: int) -> None:  # noqa: B027 - optional hook
+        """Make room in row `dst` for `tokens` cached tokens."""
+
+    def _keep(self, prompt: Sequence[int], src: Any, scores: PromptScores | None, score_k: int) -> None:
+        """A prompt is in the cache of row `src`: keep its whole blocks (and scores) for later prompts."""
+        if self.prefix is not None:
+            self.prefix.store(prompt, src, scores, score_k)
+
+    def _count_misses(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Prompts prefilled from scratch (`add`: the scheduler sends a prompt with a hit through
+        `start_prefill`) are queried tokens that were not hits."""
+        if self.prefix is not None:
+            self.prefix.stats.queries += sum(len(p) for p in prompts)
 
     @abstractmethod
     def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
@@ -296,6 +344,7 @@ class PaddedRunner(GenerationRunner):
     def advance(self, pending: PendingPrefill, n_tokens: int, want: Want | None = None) -> Selected | None:
         want = want or Want()
         ids, pos, end = pending.next_chunk(n_tokens)
+        want = pending.chunk_want(want, end)
         c = ids.shape[1]
         first, last = np.zeros(1, np.int64), np.full(1, c - 1)
         final = end == len(pending.prompt)

@@ -223,6 +223,11 @@ def _scored(seq: _Seq) -> bool:
     return seq.req.prompt_logprobs is not None
 
 
+def _score_k(seq: _Seq) -> int | None:
+    """The alternatives a scored prompt asks for at each position; None when it is not scored."""
+    return seq.req.prompt_logprobs
+
+
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for queue, ev in items:
         queue.put_nowait(ev)
@@ -454,9 +459,12 @@ class Scheduler:
             if group and scored:
                 break
             cap = min(limit, self.score_chunk_tokens) if scored else limit
-            if (len(group) + 1) * max(longest, n) > cap:
+            # A prompt whose head is in the prefix cache prefills only the rest, on its own (rows of
+            # one call start at the same cache index).
+            if (len(group) + 1) * max(longest, n) > cap or self.runner.prefix_hit(head.req.prompt_ids,
+                                                                                  _score_k(head)):
                 if not group:
-                    pending = self.runner.start_prefill(head.req.prompt_ids)
+                    pending = self.runner.start_prefill(head.req.prompt_ids, _score_k(head))
                     self._chunked = (self._prefilling.popleft(), pending)
                 break
             group.append(self._prefilling.popleft())

@@ -316,7 +316,7 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
 
 def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
               cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool,
-              lock_stale_s: float) -> Loaded:
+              lock_stale_s: float, prefix_cache_bytes: int = 0) -> Loaded:
     from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
 
     attention = attention_for(task, dev, precision)
@@ -339,9 +339,14 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
     elif attention == "gqa" and dev == "cuda":
         from app.engine.fixed_runner import OrtFixedRunner
 
-        runner = OrtFixedRunner(path, dev, max_batch_size, num_threads, n_positions, cuda_graphs)
+        runner = OrtFixedRunner(path, dev, max_batch_size, num_threads, n_positions, cuda_graphs,
+                                prefix_cache_bytes=prefix_cache_bytes)
     elif attention == "gqa":
-        runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions, max_rows=max_batch_size)
+        if prefix_cache_bytes:  # the pool is host memory here (on CUDA it is the GPU's)
+            memory_fit.check(checkpoint, memory_fit.serve_need(checkpoint) + prefix_cache_bytes,
+                             f"serving it with a prefix cache of {prefix_cache_bytes >> 20} MiB (PREFIX_CACHE_MB)")
+        runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions, max_rows=max_batch_size,
+                               prefix_cache_bytes=prefix_cache_bytes)
     else:
         runner = OrtGenerationRunner(path, dev, num_threads, n_positions=n_positions)
     return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, note, cache_hit,
@@ -355,12 +360,14 @@ def _context_length(onnx_path: Path) -> int:
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
          cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto",
-         retry_failed_export: bool = False, lock_stale_s: float = export_lock.STALE_AFTER_S) -> Loaded:
+         retry_failed_export: bool = False, lock_stale_s: float = export_lock.STALE_AFTER_S,
+         prefix_cache_bytes: int = 0) -> Loaded:
     """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION.
     `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
     is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up);
     `retry_failed_export` re-runs an export that failed before (`export_memory`); `lock_stale_s`:
-    when another process's export lock counts as dead (`export_lock`)."""
+    when another process's export lock counts as dead (`export_lock`); `prefix_cache_bytes`: the
+    prefix cache budget of a generation runner that has one (`app.engine.prefix_cache`; 0: off)."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
     precision = resolve_precision(precision, dev)
@@ -376,7 +383,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                 raise SettingRefusedError(f"CUDA_GRAPHS=on needs DEVICE=cuda and PRECISION=fp16 "
                                           f"(this start resolved to {dev}, {precision})")
             return _load_ort(task, checkpoint, dev, precision, cache_dir, num_threads, cancel, max_batch_size,
-                             cuda_graphs, retry_failed_export, lock_stale_s)
+                             cuda_graphs, retry_failed_export, lock_stale_s, prefix_cache_bytes)
         except (LoadCancelledError, SettingRefusedError):
             raise
         except Exception as e:

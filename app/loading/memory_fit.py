@@ -86,3 +86,9 @@ def export_need(checkpoint: Path) -> int:
 
 def torch_need(checkpoint: Path) -> int:
     return fp32_weight_bytes(checkpoint) + RUNTIME_BYTES
+
+
+def serve_need(checkpoint: Path) -> int:
+    """ONNX Runtime serving on the CPU: the weights (fp32 at most) and the runtime; the prefix
+    cache's budget is added by the caller."""
+    return fp32_weight_bytes(checkpoint) + RUNTIME_BYTES

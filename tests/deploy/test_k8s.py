@@ -176,14 +176,19 @@ def kv_worst_bytes(size: str, env: dict[str, str]) -> int:
     return rows * width * n_layer * 2 * e * 4
 
 
+def prefix_budget_bytes(env: dict[str, str]) -> int:
+    """The prefix cache's budget (host memory on the CPU), which fills under prompts that differ."""
+    return Settings(**{k.lower(): v for k, v in env.items() if k.startswith("PREFIX_CACHE")}).prefix_cache_bytes
+
+
 @pytest.mark.parametrize(("name", "size"), SIZE_OVERLAYS.items())
 def test_cpu_overlay_memory_follows_the_measured_table(name, size, tmp_path) -> None:
     """Each size's limit holds, with 10% to spare, the largest of: the first start's export child
     at any precision (plus the waiting server beside it), the server's measured peak through 1
     and 8 streams, and the fp32 server at rest plus the most KV cache its settings let it
-    reserve (a full batch at full context). The request holds the server's measured peak. The
-    server's own start check (`memory_fit.export_need`) passes under the limit, and the start-up
-    probe waits twice the measured cold start (export included)."""
+    reserve (a full batch at full context) plus a full prefix cache (PREFIX_CACHE_MB). The request
+    holds the server's measured peak. The server's own start check (`memory_fit.export_need`)
+    passes under the limit, and the start-up probe waits twice the measured cold start (export included)."""
     from app.loading import memory_fit
     from bench.sizes import SHAPES
 
@@ -196,7 +201,7 @@ def test_cpu_overlay_memory_follows_the_measured_table(name, size, tmp_path) -> 
     limit, request = (_quantity(c["resources"][k]["memory"]) for k in ("limits", "requests"))
     waiting_server = 0.5  # GiB: the server process while its export child runs (imports, no model yet)
     measured = max(max(r["export_peak_gib"] + waiting_server, r["peak_rss_gib"]) for r in onnx.values()) * GIB
-    worst_serving = onnx["fp32"]["idle_rss_gib"] * GIB + kv_worst_bytes(size, env)
+    worst_serving = onnx["fp32"]["idle_rss_gib"] * GIB + kv_worst_bytes(size, env) + prefix_budget_bytes(env)
     assert limit >= 1.1 * max(measured, worst_serving), (name, limit / GIB, measured / GIB, worst_serving / GIB)
     assert onnx["fp32"]["peak_rss_gib"] * GIB <= request <= limit
     e, n_layer, n_head = SHAPES[size]

@@ -62,7 +62,8 @@ async def info(state: StateDep) -> dict[str, Any]:
         "settings": {"backend": s.backend, "device": s.device, "precision": s.precision,
                      "retry_failed_export": s.retry_failed_export, "cuda_graphs": s.cuda_graphs,
                      "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
-                     "num_threads": s.num_threads, "auth": bool(s.api_key)},
+                     "num_threads": s.num_threads, "auth": bool(s.api_key), "prefix_caching": s.prefix_caching,
+                     "prefix_cache_mb": s.prefix_cache_mb},
     }
 
 

@@ -26,7 +26,7 @@ PROMPTS = [f"Request {i} is about" + " the weather" * (i % 6) + ("!" * (i % 3)) 
 def engine(request, tiny_lm_dir, tiny_classifier_dir, onnx_cache):
     eng = load_engine(tiny_lm_dir, tiny_classifier_dir, backend=request.param,
                       cache_dir=onnx_cache, max_batch_size=8,
-                      max_batch_total_tokens=4096, max_input_tokens=100)
+                      max_batch_total_tokens=4096, max_input_tokens=100, prefix_cache_bytes=8 << 20)
     eng.start()
     yield eng
     eng.stop()
@@ -230,6 +230,9 @@ def test_info_reports_backend_and_device(engine, request) -> None:
     assert info["classification"]["backend"] == backend
     assert info["labels"] == ["negative", "neutral", "positive"]
     assert (info["generation"]["onnx_path"] is None) == (backend == "torch")
+    prefix = info["generation"]["prefix_caching"]  # the PyTorch fallback has none, and says so
+    assert prefix["enabled"] == (backend == "onnxruntime")
+    assert (prefix["reason"] is None) if backend == "onnxruntime" else "not supported" in prefix["reason"]
 
 
 def test_runner_failure_fails_its_requests_and_the_engine_keeps_serving(engine) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from app.engine.engine import Engine
 from app.engine.fixed_runner import GRAPH_TOP_N, OrtFixedRunner, buckets_for
+from app.engine.prefix_cache import BLOCK_TOKENS
 from app.engine.runner import Want
 from app.engine.sampling import SamplingParams
 from app.loading import loader
@@ -102,7 +103,7 @@ def test_cuda_graphs_on_refuses_to_start_without_cuda(tiny_lm_dir, tiny_classifi
 def test_the_engine_on_the_fixed_runner_equals_transformers(pad, gqa, tiny_lm_dir, hf) -> None:
     """Concurrent greedy and sampled streams, a long prompt prefilled in chunks while others decode,
     one stream cancelled: greedy tokens equal transformers' and a seeded stream its own run alone."""
-    runner = fixed(gqa, capacity=6, pad_to_buckets=pad)
+    runner = fixed(gqa, capacity=6, pad_to_buckets=pad, prefix_cache_bytes=4 << 20)
     eng = Engine(Loaded(runner, "generate", "onnxruntime", "cpu", "fp32", tiny_lm_dir, gqa, attention="gqa"), None,
                  max_batch_size=6, prefill_chunk_tokens=4)
     eng.start()
@@ -119,15 +120,19 @@ def test_the_engine_on_the_fixed_runner_equals_transformers(pad, gqa, tiny_lm_di
                 break
         await cancelled.aclose()
         long = asyncio.create_task(eng.generate(eng.prepare(long_text, 5)))
-        return alone, await asyncio.gather(*tasks), await sampled, await long
+        out = alone, await asyncio.gather(*tasks), await sampled, await long
+        # the long prompt's head is in the prefix cache now: a longer prompt reuses it
+        return *out, await eng.generate(eng.prepare(long_text + " w20 w21", 5))
 
     try:
-        alone, greedy, sampled, long = asyncio.run(go())
+        alone, greedy, sampled, long, again = asyncio.run(go())
     finally:
         eng.stop()
     for i, (p, res) in enumerate(zip(PROMPTS[2:9], greedy, strict=True)):
         assert [t.id for t in res.tokens] == hf_greedy(hf, eng.tokenizer.encode(p), 8 + i)
     assert [t.id for t in long.tokens] == hf_greedy(hf, eng.tokenizer.encode(long_text), 5)
+    assert [t.id for t in again.tokens] == hf_greedy(hf, eng.tokenizer.encode(long_text + " w20 w21"), 5)
+    assert runner.prefix.stats.hits >= 2 * BLOCK_TOKENS  # and the start's self-check passed: the cache is on
     assert [t.id for t in sampled.tokens] == [t.id for t in alone.tokens]
     assert runner.num_rows == 0 and not runner.reserved
     assert eng.info()["generation"]["cuda_graphs"] == {"setting": "off", "enabled": False, "buckets": [],
