@@ -84,6 +84,8 @@ def kv_bytes(client: httpx.Client) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("gpt2_kv_cache_bytes{"):
             out[line.split('kind="')[1].split('"')[0]] = float(line.split()[-1])
+        elif line.startswith("gpt2_prefix_cache_bytes "):  # issue 28: the prefix cache, beside the batch's KV
+            out["prefix"] = float(line.split()[-1])
     return out
 
 
@@ -117,12 +119,17 @@ def one_round(ckpt: Path, args: argparse.Namespace, repo: Path) -> dict[str, Any
         time.sleep(2.0)
         after = _status_mib(pid, "VmRSS")
         hwm = _status_mib(pid, "VmHWM")
+        with httpx.Client(base_url=srv.url, timeout=5, trust_env=False) as c:
+            kv_bytes_after = kv_bytes(c)
         gen = srv.info.get("generation") or {}
     kv_peak = max((k.get("reserved", 0.0) for k in sampler.kv), default=0.0)
     kv_used = max((k.get("in_use", 0.0) for k in sampler.kv), default=0.0)
+    prefix = max((k.get("prefix", 0.0) for k in [*sampler.kv, kv_bytes_after]), default=0.0)
     return {"rest_mib": rest, "peak_mib": sampler.peak, "after_mib": after, "hwm_since_start_mib": hwm,
             "kv_reserved_rest_mib": kv_rest.get("reserved", 0.0) / 2**20, "kv_reserved_peak_mib": kv_peak / 2**20,
-            "kv_in_use_peak_mib": kv_used / 2**20, "burst_tok_s": res["tok_s"], "ttft_p50_s": res["ttft_p50_s"],
+            "kv_in_use_peak_mib": kv_used / 2**20, "prefix_cache_mib": prefix / 2**20,
+            "peak_less_prefix_mib": sampler.peak - prefix / 2**20, "burst_tok_s": res["tok_s"],
+            "ttft_p50_s": res["ttft_p50_s"],
             "samples": len(sampler.samples), "backend": gen.get("backend"), "precision": gen.get("precision")}
 
 
@@ -179,6 +186,11 @@ def table(records: dict[str, dict[str, Any]]) -> str:
     row("RSS peak through the burst (MiB)", lambda r: _m(r, "peak_mib"))
     row("peak / fp32 weight bytes", lambda r: f"{r['summary']['peak_mib']['median'] / r['weights_mib']:.2f}x "
                                               f"(target <= 2.2x)")
+    if all("prefix_cache_mib" in r["summary"] for r in records.values()):
+        row("prefix cache in use after the burst (MiB; PREFIX_CACHE_MB is its ceiling)",
+            lambda r: _m(r, "prefix_cache_mib"))
+        row("peak less the prefix cache / fp32 weight bytes",
+            lambda r: f"{r['summary']['peak_less_prefix_mib']['median'] / r['weights_mib']:.2f}x (target <= 2.2x)")
     row("RSS 2 s after the burst (MiB)", lambda r: _m(r, "after_mib"))
     row("KV reserved at rest / at the peak (MiB)",
         lambda r: f"{r['summary']['kv_reserved_rest_mib']['median']:,.1f} / "

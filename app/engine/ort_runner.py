@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_bytes, blocks_for_budget
+from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_bytes, blocks_for_budget, lazy_zeros
 from app.engine.runner import (
     KV,
     ClassificationRunner,
@@ -228,8 +228,8 @@ class OrtSlotRunner(GenerationRunner):
 
     def _enable_prefix_cache(self, budget: int) -> None:
         """The prefix cache's pool: (blocks, n_head, BLOCK_TOKENS, head_dim) per layer and kind, in
-        host memory beside the batch buffers. numpy's zeros are pages the kernel maps on first
-        write, so the budget is an upper bound, not memory taken at start."""
+        host memory beside the batch buffers: pages the kernel maps on first write (`lazy_zeros`),
+        so the budget is an upper bound, not memory taken at start."""
         self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
         if budget <= 0:
             return
@@ -238,7 +238,7 @@ class OrtSlotRunner(GenerationRunner):
         if n < 1:
             self.prefix_off_reason = f"PREFIX_CACHE_MB holds no block of {BLOCK_TOKENS} tokens"
             return
-        self.pool = [np.zeros((n, i.n_head, BLOCK_TOKENS, i.head_dim), self.kv_dtype) for _ in self.past_names]
+        self.pool = [lazy_zeros((n, i.n_head, BLOCK_TOKENS, i.head_dim), self.kv_dtype) for _ in self.past_names]
         self.prefix = PrefixCache(n, block_bytes(i.n_layer, i.n_head, i.head_dim, np.dtype(self.kv_dtype).itemsize),
                                   self._save_blocks, self._load_blocks)
 
