@@ -107,11 +107,12 @@ def test_a_default_start_on_cuda_serves_onnxruntime_fp16(tmp_path, tiny_lm_dir, 
 
 
 # ---- the fixed-buffer runner and CUDA graphs (issue 22) ---------------------------------------
-def _fixed(tmp_path, tiny_lm_dir, graphs: str = "auto", batch: int = 8):
+def _fixed(tmp_path, tiny_lm_dir, graphs: str = "auto", batch: int = 8, prefix_cache_bytes: int = 0):
     from app.engine.fixed_runner import OrtFixedRunner
 
     lo = loader.load("generate", tiny_lm_dir, backend="onnxruntime", device="cuda", precision="fp16",
-                     cache_dir=tmp_path, max_batch_size=batch, cuda_graphs=graphs)
+                     cache_dir=tmp_path, max_batch_size=batch, cuda_graphs=graphs,
+                     prefix_cache_bytes=prefix_cache_bytes)
     assert isinstance(lo.runner, OrtFixedRunner) and lo.attention == "gqa", (lo.attention, lo.fallback_reason)
     return lo
 
@@ -158,3 +159,26 @@ def test_the_self_check_falls_back_to_eager_steps_when_a_replay_differs(tmp_path
         r._io.clear()
         r.capture(PROMPTS[0])
     del stale
+
+
+def test_prefix_cache_copies_on_the_gpu_give_the_whole_prefill(tmp_path, tiny_lm_dir) -> None:
+    """Issue 28 on CUDA: the fixed runner's block copies (ONNX graphs with ScatterND in place on
+    device buffers) pass the start's self-check, and a prompt prefilled after its cached head
+    decodes, through the captured steps, the tokens of the same prompt prefilled whole."""
+    from app.engine.runner import Want
+
+    lo = _fixed(tmp_path, tiny_lm_dir, "on", prefix_cache_bytes=8 << 20)
+    r = lo.runner
+    assert r.capture(PROMPTS[0])
+    prompt = (PROMPTS[2] * 8)[:40]
+    assert r.check_prefix_cache(prompt) and r.prefix is not None, r.prefix_off_reason
+    whole = greedy_batch(r, [prompt], 12)[0]  # stores the prompt's blocks
+    assert r.prefix_hit(prompt + [13, 14]) == 40
+    pending = r.start_prefill(prompt + [13, 14])
+    assert pending.done == 40
+    hit = [int(r.advance(pending, 64, Want()).top_ids[0, 0])]
+    for _ in range(11):  # captured decode steps on the row whose head was copied in
+        hit.append(int(r.step([hit[-1]]).top_ids[0, 0]))
+    r.reset()
+    assert hit == greedy_batch(r, [prompt + [13, 14]], 12)[0]  # the whole prompt prefilled (add never reads the cache)
+    assert len(whole) == 12 and r.prefix.stats.hits >= 40
