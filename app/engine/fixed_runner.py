@@ -179,6 +179,7 @@ class OrtFixedRunner(GenerationRunner):
         kind, allocated at start (device memory, counted by the memory check); copies by graph
         (`app.engine.kv_copy`)."""
         self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
+        self._to_keep = []
         if budget <= 0:
             return
         i, size = self.info, np.dtype(self.kv_dtype).itemsize
@@ -246,6 +247,7 @@ class OrtFixedRunner(GenerationRunner):
         return {"reserved": reserved, "in_use": per_token * held}
 
     def _take_slots(self, n: int) -> list[int]:
+        self.keep_pending()  # before a freed slot is written again
         used = set(self.slots) | set(self.reserved)
         free = [s for s in range(self.capacity) if s not in used][:n]
         if len(free) < n:
@@ -423,6 +425,7 @@ class OrtFixedRunner(GenerationRunner):
         return Selected(top_ids, top_lps, logits)
 
     def drop(self, rows: Sequence[int]) -> np.ndarray:
+        self.keep_pending()  # a freed slot runs junk rows in padded steps
         dead = set(int(r) for r in rows)
         keep = np.asarray([i for i in range(self.num_rows) if i not in dead], np.int64)
         self.slots = [self.slots[i] for i in keep]
@@ -430,6 +433,7 @@ class OrtFixedRunner(GenerationRunner):
         return keep
 
     def reset(self) -> None:
+        self._to_keep = []
         self.slots, self.lengths = [], []
         self.reserved.clear()
 

@@ -231,6 +231,7 @@ class OrtSlotRunner(GenerationRunner):
         host memory beside the batch buffers: pages the kernel maps on first write (`lazy_zeros`),
         so the budget is an upper bound, not memory taken at start."""
         self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
+        self._to_keep = []
         if budget <= 0:
             return
         i = self.info
@@ -383,6 +384,7 @@ class OrtSlotRunner(GenerationRunner):
         return parse_selection(zero, zero, want, *sel, logits)
 
     def drop(self, rows: Sequence[int]) -> np.ndarray:
+        self.keep_pending()  # before rows move
         n = self.num_rows
         dead = np.zeros(n, bool)
         dead[np.asarray(rows, dtype=np.int64)] = True

@@ -190,6 +190,7 @@ class GenerationRunner(ABC):
     info: ModelInfo
     # Automatic prefix caching (`app.engine.prefix_cache`): None when off, and why.
     prefix: PrefixCache | None = None
+    _to_keep: list[tuple[list[int], Any, PromptScores | None, int]]  # prompts to store (`keep_pending`)
     prefix_off_reason: str | None = "not supported by this runner (a left-padded batch: the PyTorch fallback and " \
                                     "the standard-attention ONNX graph)"
 
@@ -238,8 +239,19 @@ class GenerationRunner(ABC):
         """Make room in row `dst` for `tokens` cached tokens."""
 
     def _keep(self, prompt: Sequence[int], src: Any, scores: PromptScores | None, score_k: int) -> None:
-        """A prompt is in the cache of row `src`: keep its whole blocks (and scores) for later prompts."""
+        """A prompt is in the cache of row `src`: its whole blocks (and scores) are to be kept for
+        later prompts. Recorded here and copied by `keep_pending`, which the scheduler calls once
+        the prompt's first token has left (the copy is not part of its time to first token) and
+        the runner calls before anything that moves or reuses rows (`drop`, a new prefill)."""
         if self.prefix is not None:
+            self._to_keep.append((list(prompt), src, scores, score_k))
+
+    def keep_pending(self) -> None:
+        """Copy the prompts `_keep` recorded into the prefix cache."""
+        if self.prefix is None:
+            return
+        todo, self._to_keep = self._to_keep, []
+        for prompt, src, scores, score_k in todo:
             self.prefix.store(prompt, src, scores, score_k)
 
     def _count_misses(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -259,6 +271,7 @@ class GenerationRunner(ABC):
         pending.state = None
 
     def reset(self) -> None:
+        self._to_keep = []  # after a failure: keep nothing of this batch
         self.drop(list(range(self.num_rows)))
 
     @property

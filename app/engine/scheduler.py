@@ -405,6 +405,8 @@ class Scheduler:
         new = self._prefill()
         if new:  # the new rows' first tokens leave now, not after the decode step of the whole batch
             self._flush()
+        self.runner.keep_pending()  # then their prompts go into the prefix cache
+        self._drop(lambda s: s.finished or s.cancelled)  # a score-only request ends at its prefill
         if self._active:
             sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))
             self._accept(self._active, sel)
@@ -495,7 +497,6 @@ class Scheduler:
         for i, s in enumerate(seqs):
             s.start(sel.prompt[i] if sel.prompt else None)
         self._accept(seqs, sel)
-        self._drop(lambda s: s.finished or s.cancelled)
         return len(seqs)
 
     def _accept(self, seqs: list[_Seq], sel: Selected) -> None:

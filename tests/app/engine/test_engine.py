@@ -285,17 +285,18 @@ def test_a_slow_consumer_gets_the_ready_events_together_then_the_failure(engine)
 
 def test_a_failed_prefill_fails_its_requests_instead_of_hanging(engine) -> None:
     runner = engine.generation.runner
-    original = runner.add
+    original = runner.add, runner.advance
 
-    def broken(prompts, want=None):
+    def broken(*args, **kwargs):
         raise RuntimeError("simulated prefill fault")
 
-    runner.add = broken
+    # both prefill calls: a prompt whose head is in the prefix cache is prefilled by `advance`
+    runner.add = runner.advance = broken
     try:
         with pytest.raises(RuntimeError, match="simulated prefill fault"):
             run(asyncio.wait_for(engine.generate(engine.prepare(PROMPTS[0], 5)), timeout=30))
     finally:
-        runner.add = original
+        runner.add, runner.advance = original
     assert engine.scheduler.batch_size == 0 and engine.scheduler.queue_size == 0
     assert run(engine.generate(engine.prepare(PROMPTS[0], 5))).generated_tokens == 5
 
