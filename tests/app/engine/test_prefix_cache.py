@@ -12,7 +12,6 @@ from app.engine.fixed_runner import OrtFixedRunner
 from app.engine.ort_runner import OrtGenerationRunner, OrtSlotRunner
 from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from app.engine.runner import GenerationRunner, PromptScores, Selected, Want
-from export.pipeline import export_checkpoint
 
 B = BLOCK_TOKENS
 
@@ -106,23 +105,6 @@ def test_eviction_takes_the_least_recent_leaf_and_never_the_prompt_being_stored(
 
 
 # ---- the runners -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def graphs(tiny_lm_dir, tmp_path_factory):
-    out = {}
-    for attention in ("gqa", "standard"):
-        folder = tmp_path_factory.mktemp(f"prefix-{attention}")
-        export_checkpoint(tiny_lm_dir, folder, "generate", verify_parity=False, attention=attention)
-        out[attention] = folder / "model.onnx"
-    return out
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_lm_dir):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
-
-
 def make(kind: str, graphs, cache_bytes: int = 1 << 20) -> GenerationRunner:
     if kind == "slot":
         return OrtSlotRunner(graphs["gqa"], n_positions=128, initial_capacity=1, prefix_cache_bytes=cache_bytes)

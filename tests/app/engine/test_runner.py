@@ -12,17 +12,6 @@ from app.engine.fixed_runner import OrtFixedRunner
 from app.engine.ort_runner import OrtGenerationRunner, OrtSlotRunner
 from app.engine.runner import GenerationRunner, Selected, Want
 from app.engine.torch_runner import TorchGenerationRunner
-from export.pipeline import export_checkpoint
-
-
-@pytest.fixture(scope="module")
-def graphs(tiny_lm_dir, tmp_path_factory):
-    out = {}
-    for attention in ("gqa", "standard"):
-        folder = tmp_path_factory.mktemp(f"runner-{attention}")
-        export_checkpoint(tiny_lm_dir, folder, "generate", verify_parity=False, attention=attention)
-        out[attention] = folder / "model.onnx"
-    return out
 
 
 def make_runner(kind: str, graphs, tiny_lm_dir) -> GenerationRunner:
