@@ -343,8 +343,12 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
                                 prefix_cache_bytes=prefix_cache_bytes)
     elif attention == "gqa":
         if prefix_cache_bytes:  # the pool is host memory here (on CUDA it is the GPU's)
-            memory_fit.check(checkpoint, memory_fit.serve_need(checkpoint) + prefix_cache_bytes,
-                             f"serving it with a prefix cache of {prefix_cache_bytes >> 20} MiB (PREFIX_CACHE_MB)")
+            try:
+                memory_fit.check(checkpoint, memory_fit.serve_need(checkpoint) + prefix_cache_bytes,
+                                 f"serving it with a prefix cache of {prefix_cache_bytes >> 20} MiB")
+            except memory_fit.MemoryFitError as e:  # a setting's doing: refuse, never fall back to PyTorch
+                raise SettingRefusedError(f"{e}; or lower PREFIX_CACHE_MB (0 or PREFIX_CACHING=false: "
+                                          f"no prefix cache)") from e
         runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions, max_rows=max_batch_size,
                                prefix_cache_bytes=prefix_cache_bytes)
     else:

@@ -229,3 +229,15 @@ def test_a_checkpoint_that_cannot_fit_says_why_in_one_line(tiny_lm_dir, tmp_path
     with pytest.raises(memory_fit.MemoryFitError, match="exporting it to ONNX needs about 0.6 GiB"):
         loader.load("generate", tiny_lm_dir, backend="onnxruntime", cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_a_prefix_cache_budget_that_cannot_fit_refuses_to_start_and_names_the_setting(tiny_lm_dir, onnx_cache) -> None:
+    """Issue 28: the start's memory check counts PREFIX_CACHE_MB; too much is a refusal that says
+    which setting to lower, not a fall back to PyTorch (which has no prefix cache)."""
+    with pytest.raises(loader.SettingRefusedError, match="PREFIX_CACHE_MB"):
+        loader.load("generate", tiny_lm_dir, backend="auto", device="cpu", cache_dir=onnx_cache,
+                    prefix_cache_bytes=1 << 50)
+    lo = loader.load("generate", tiny_lm_dir, backend="auto", device="cpu", cache_dir=onnx_cache,
+                     prefix_cache_bytes=1 << 20)
+    assert lo.backend == "onnxruntime" and lo.runner.prefix is not None
+    assert lo.runner.prefix.budget_bytes <= 1 << 20
