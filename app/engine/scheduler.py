@@ -14,7 +14,10 @@ Each iteration of the worker:
      prompt is prefilled a chunk per iteration between decode steps instead of stalling every
      running stream; with nothing decoding, or with at least `waiting_served_ratio` times as many
      prompts waiting as rows decoding (TGI's rule: a burst is better served by one pause than by
-     many chunked steps), up to `max_batch_prefill_tokens` (rows x longest prompt) in one call,
+     many chunked steps), up to `max_batch_prefill_tokens` (rows x longest prompt) in one call.
+     A prompt whose head is in the runner's prefix cache (issue 28) is prefilled on its own from
+     its cached head (`start_prefill`); once the new rows' first tokens are handed over, the
+     runner copies their prompts into the cache (`keep_pending`),
   5. runs one decode step for every running row, samples, emits tokens, and drops finished rows.
 New requests therefore join between decode steps and finished ones leave at once. Events reach
 each request's asyncio queue through `loop.call_soon_threadsafe`, once per iteration for all the
