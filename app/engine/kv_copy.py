@@ -2,7 +2,7 @@
 
 ONNX Runtime's Python API moves whole tensors between host and device, not slices of a device
 buffer into another, so the copies are two small ONNX graphs, bound by address like the decode
-step (`fixed_runner.DeviceBuffer`), every layer and kind in one call:
+step (`device_buffer.DeviceBuffer`), every layer and kind in one call:
 
     load: slot_i[0, :, :n*B] = pool_i[pool_ids] (blocks laid end to end)
           Gather -> Transpose -> Reshape -> ScatterND(slot_i) -> bound at slot_i's own address
