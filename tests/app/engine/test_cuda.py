@@ -172,13 +172,15 @@ def test_prefix_cache_copies_on_the_gpu_give_the_whole_prefill(tmp_path, tiny_lm
     assert r.capture(PROMPTS[0])
     prompt = (PROMPTS[2] * 8)[:40]
     assert r.check_prefix_cache(prompt) and r.prefix is not None, r.prefix_off_reason
-    whole = greedy_batch(r, [prompt], 12)[0]  # stores the prompt's blocks
-    assert r.prefix_hit(prompt + [13, 14]) == 40
-    pending = r.start_prefill(prompt + [13, 14])
+    r.add([prompt])
+    r.drop([0])  # the prompt's blocks go into the cache (at the latest when its row leaves)
+    longer = prompt + [13, 14]
+    assert r.prefix_hit(longer) == 40
+    pending = r.start_prefill(longer)
     assert pending.done == 40
     hit = [int(r.advance(pending, 64, Want()).top_ids[0, 0])]
     for _ in range(11):  # captured decode steps on the row whose head was copied in
         hit.append(int(r.step([hit[-1]]).top_ids[0, 0]))
     r.reset()
-    assert hit == greedy_batch(r, [prompt + [13, 14]], 12)[0]  # the whole prompt prefilled (add never reads the cache)
-    assert len(whole) == 12 and r.prefix.stats.hits >= 40
+    assert hit == greedy_batch(r, [longer], 12)[0]  # the whole prompt prefilled (`add` never reads the cache)
+    assert r.prefix.stats.hits >= 40
