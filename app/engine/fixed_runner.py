@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from app.engine import prefix_cache
 from app.engine.device_buffer import DeviceBuffer
 from app.engine.kv_copy import KVCopier
 from app.engine.ort_runner import SELECT_OUTPUTS, _kv_contract, make_session
-from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_bytes, blocks_for_budget
+from app.engine.prefix_cache import BLOCK_TOKENS
 from app.engine.runner import (
     GenerationRunner,
     PendingPrefill,
@@ -137,20 +138,15 @@ class OrtFixedRunner(GenerationRunner):
         """The pool on the runner's device, (blocks, n_head, BLOCK_TOKENS, head_dim) per layer and
         kind, allocated at start (device memory, counted by the memory check); copies by graph
         (`app.engine.kv_copy`)."""
-        self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
         self._to_keep = []
-        if budget <= 0:
-            return
-        i, size = self.info, np.dtype(self.kv_dtype).itemsize
-        n = blocks_for_budget(budget, i.n_layer, i.n_head, i.head_dim, size)
-        if n < 1:
-            self.prefix_off_reason = f"PREFIX_CACHE_MB holds no block of {BLOCK_TOKENS} tokens"
-            return
-        pool = [DeviceBuffer((n, i.n_head, BLOCK_TOKENS, i.head_dim), self.kv_dtype, self.device)
+        self.prefix, self.prefix_off_reason = prefix_cache.build(budget, self.info, np.dtype(self.kv_dtype).itemsize,
+                                                                 self._device_pool)
+
+    def _device_pool(self, n: int) -> tuple:
+        pool = [DeviceBuffer((n, self.info.n_head, BLOCK_TOKENS, self.info.head_dim), self.kv_dtype, self.device)
                 for _ in self.past_names]
         self.copier = KVCopier(self.kv, pool, self.device, BLOCK_TOKENS)
-        self.prefix = PrefixCache(n, block_bytes(i.n_layer, i.n_head, i.head_dim, size),
-                                  self.copier.save, self.copier.load)
+        return self.copier.save, self.copier.load
 
     def check_prefix_cache(self, prompt: Sequence[int]) -> bool:
         """On the serving device, check that a prompt prefilled after a cached head gives the
@@ -260,8 +256,7 @@ class OrtFixedRunner(GenerationRunner):
         self.lengths += [len(p) for p in prompts]
         out = _concat(parts)
         self._count_misses(prompts)
-        for b, p in enumerate(prompts):
-            self._keep(p, slots[b], out.prompt[b] if out.prompt else None, want.score_top_n)
+        self._keep(prompts, slots, out, want.score_top_n)
         return out
 
     def _prefill(self, prompts: Sequence[Sequence[int]], start: int, want: Want) -> Selected:
@@ -309,7 +304,7 @@ class OrtFixedRunner(GenerationRunner):
         pending.state = None
         self.slots.append(slot)
         self.lengths.append(end)
-        self._keep(pending.prompt, slot, out.prompt[0] if out.prompt else None, want.score_top_n)
+        self._keep([pending.prompt], [slot], out, want.score_top_n)
         return out
 
     def abort(self, pending: PendingPrefill) -> None:

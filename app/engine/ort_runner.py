@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from app.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, block_bytes, blocks_for_budget, lazy_zeros
+from app.engine import prefix_cache
 from app.engine.runner import (
     KV,
     ClassificationRunner,
@@ -230,18 +230,14 @@ class OrtSlotRunner(GenerationRunner):
         """The prefix cache's pool: (blocks, n_head, BLOCK_TOKENS, head_dim) per layer and kind, in
         host memory beside the batch buffers: pages the kernel maps on first write (`lazy_zeros`),
         so the budget is an upper bound, not memory taken at start."""
-        self.prefix_off_reason = "PREFIX_CACHING=false" if budget <= 0 else None
         self._to_keep = []
-        if budget <= 0:
-            return
-        i = self.info
-        n = blocks_for_budget(budget, i.n_layer, i.n_head, i.head_dim, np.dtype(self.kv_dtype).itemsize)
-        if n < 1:
-            self.prefix_off_reason = f"PREFIX_CACHE_MB holds no block of {BLOCK_TOKENS} tokens"
-            return
-        self.pool = [lazy_zeros((n, i.n_head, BLOCK_TOKENS, i.head_dim), self.kv_dtype) for _ in self.past_names]
-        self.prefix = PrefixCache(n, block_bytes(i.n_layer, i.n_head, i.head_dim, np.dtype(self.kv_dtype).itemsize),
-                                  self._save_blocks, self._load_blocks)
+        self.prefix, self.prefix_off_reason = prefix_cache.build(budget, self.info, np.dtype(self.kv_dtype).itemsize,
+                                                                 self._host_pool)
+
+    def _host_pool(self, n: int) -> tuple:
+        shape = (n, self.info.n_head, prefix_cache.BLOCK_TOKENS, self.info.head_dim)
+        self.pool = [prefix_cache.lazy_zeros(shape, self.kv_dtype) for _ in self.past_names]
+        return self._save_blocks, self._load_blocks
 
     def _save_blocks(self, row: int, start: int, pool_ids: list[int]) -> None:
         n, (H, B, D) = len(pool_ids), self.pool[0].shape[1:]
@@ -366,8 +362,7 @@ class OrtSlotRunner(GenerationRunner):
         self.lengths = np.concatenate([self.lengths, lengths])
         out = parse_selection(first, last, want, *sel, logits)
         self._count_misses(prompts)
-        for b, p in enumerate(prompts):
-            self._keep(p, n + b, out.prompt[b] if out.prompt else None, want.score_top_n)
+        self._keep(prompts, range(n, n + k), out, want.score_top_n)
         return out
 
     def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
@@ -426,7 +421,7 @@ class OrtSlotRunner(GenerationRunner):
             buf[n, :, :end] = buf[self.capacity, :, :end]
         self.lengths = np.concatenate([self.lengths, [end]])
         self.chunk_done = 0
-        self._keep(pending.prompt, n, out.prompt[0] if out.prompt else None, want.score_top_n)
+        self._keep([pending.prompt], [n], out, want.score_top_n)
         return out
 
     def start_prefill(self, prompt: Sequence[int], score_k: int | None = None) -> PendingPrefill:

@@ -240,10 +240,16 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return np.frombuffer(m, dtype).reshape(shape)
 
 
-def block_bytes(n_layer: int, n_head: int, head_dim: int, itemsize: int, block_tokens: int = BLOCK_TOKENS) -> int:
-    """KV bytes of one block: keys and values of every layer."""
-    return 2 * n_layer * n_head * block_tokens * head_dim * itemsize
-
-
-def blocks_for_budget(budget_bytes: int, n_layer: int, n_head: int, head_dim: int, itemsize: int) -> int:
-    return budget_bytes // block_bytes(n_layer, n_head, head_dim, itemsize)
+def build(budget: int, info: Any, itemsize: int,
+          make_pool: Callable[[int], tuple[Callable[[Any, int, list[int]], None], Callable[[Any, list[int]], None]]],
+          ) -> tuple[PrefixCache | None, str | None]:
+    """A runner's prefix cache within `budget` bytes, or None and why not. `info`: the runner's
+    `ModelInfo`; `itemsize`: bytes of a KV element; `make_pool(n)` allocates the runner's pool of n
+    blocks and returns its (save, load) copies."""
+    if budget <= 0:
+        return None, "PREFIX_CACHING=false"
+    per_block = 2 * info.n_layer * info.n_head * BLOCK_TOKENS * info.head_dim * itemsize  # keys and values
+    n = budget // per_block
+    if n < 1:
+        return None, f"PREFIX_CACHE_MB holds no block of {BLOCK_TOKENS} tokens"
+    return PrefixCache(n, per_block, *make_pool(n)), None

@@ -238,13 +238,15 @@ class GenerationRunner(ABC):
     def _before_load(self, dst: Any, tokens: int) -> None:  # noqa: B027 - optional hook
         """Make room in row `dst` for `tokens` cached tokens."""
 
-    def _keep(self, prompt: Sequence[int], src: Any, scores: PromptScores | None, score_k: int) -> None:
-        """A prompt is in the cache of row `src`: its whole blocks (and scores) are to be kept for
-        later prompts. Recorded here and copied by `keep_pending`, which the scheduler calls once
-        the prompt's first token has left (the copy is not part of its time to first token) and
-        the runner calls before anything that moves or reuses rows (`drop`, a new prefill)."""
+    def _keep(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any], out: Selected, score_k: int) -> None:
+        """The prompts of a prefill call that finished them are in the cache of the runner's `rows`:
+        their whole blocks (and scores, from `out`) are to be kept for later prompts. Recorded here
+        and copied by `keep_pending`, which the scheduler calls once their first tokens have left
+        (the copy is not part of the time to first token) and the runner calls before anything that
+        moves or reuses rows (`drop`, a new prefill)."""
         if self.prefix is not None:
-            self._to_keep.append((list(prompt), src, scores, score_k))
+            for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+                self._to_keep.append((list(prompt), row, out.prompt[b] if out.prompt else None, score_k))
 
     def keep_pending(self) -> None:
         """Copy the prompts `_keep` recorded into the prefix cache."""

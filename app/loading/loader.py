@@ -403,7 +403,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
 
         if not torch.cuda.is_available():
             raise RuntimeError("DEVICE=cuda but neither ONNX Runtime nor PyTorch can use a GPU here")
-    memory_fit.check(checkpoint, memory_fit.torch_need(checkpoint), "serving it on PyTorch")
+    memory_fit.check(checkpoint, memory_fit.serve_need(checkpoint), "serving it on PyTorch")
     cls = TorchGenerationRunner if task == "generate" else TorchClassificationRunner
     served_precision = precision if (precision == "fp16" and dev == "cuda") else "fp32"
     runner = cls(checkpoint, dev, precision, num_threads)

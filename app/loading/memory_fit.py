@@ -84,11 +84,7 @@ def export_need(checkpoint: Path) -> int:
     return int(EXPORT_FACTOR * fp32_weight_bytes(checkpoint)) + RUNTIME_BYTES
 
 
-def torch_need(checkpoint: Path) -> int:
-    return fp32_weight_bytes(checkpoint) + RUNTIME_BYTES
-
-
 def serve_need(checkpoint: Path) -> int:
-    """ONNX Runtime serving on the CPU: the weights (fp32 at most) and the runtime; the prefix
-    cache's budget is added by the caller."""
+    """Serving on the CPU (the PyTorch fallback, or ONNX Runtime): the weights once (fp32, the most
+    any precision holds) and the runtime; a prefix cache's budget is added by the caller."""
     return fp32_weight_bytes(checkpoint) + RUNTIME_BYTES
