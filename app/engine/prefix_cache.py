@@ -104,8 +104,10 @@ class PrefixCache:
         return len(self._blocks) * self.B
 
     def clear(self) -> None:
+        """Empty, counters included (the start's self-check leaves nothing in /metrics)."""
         self._blocks.clear()
         self._score_bytes = 0
+        self.stats = CacheStats()
         self._free = list(range(self.num_blocks - 1, -1, -1))
 
     # ---- lookup ----------------------------------------------------------------------------------

@@ -250,3 +250,4 @@ def test_the_fixed_runner_checks_its_block_copies_at_start(graphs) -> None:
     runner = make("fixed", graphs)
     assert runner.check_prefix_cache(list(range(2 * B + 3)))
     assert runner.prefix is not None and runner.prefix.cached_tokens == 0 and runner.num_rows == 0
+    assert runner.prefix.stats.queries == 0  # its own lookups are not counted as traffic
