@@ -106,6 +106,10 @@ class GPT2Tokenizer:
             )
         return cls.from_files(d / VOCAB_JSON, d / MERGES_TXT)
 
+    def backend_json(self) -> str:
+        """The `tokenizers` tokenizer serialized (tokenizer.json's form): what grammar engines read."""
+        return self._tok.to_str()
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 

@@ -16,6 +16,7 @@ their status. A 500 never carries a traceback: it names the request id, and the 
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -158,11 +159,16 @@ def exception_param(exc: BaseException) -> str | None:
     return getattr(exc, "param", None) if isinstance(exc, ServiceError) else None
 
 
+# pydantic names the member of a union that failed in the error's location (`input.str`,
+# `input.list[int].1`); a client sent `input`, so those tags are left out of the field's name.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|[a-z-]+\[.*\])$")
+
+
 def validation_errors(exc: RequestValidationError) -> list[tuple[str, str]]:
     """(field, message) per validation error; field is dotted (`parameters.top_k`) or `body`."""
     parts = []
     for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not (isinstance(x, str) and _UNION_TAG.match(x))]
         field = ".".join(loc) or "body"
         msg = err.get("msg", "invalid")
         if err.get("type") == "json_invalid":

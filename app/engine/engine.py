@@ -1,4 +1,4 @@
-"""The engine's async API (`generate`, `generate_stream`, `classify`) over the scheduler.
+"""The engine's async API (`generate`, `generate_stream`, `classify`, `embed`) over the scheduler.
 
 The HTTP layer calls this; it never sees tensors. Tokenisation and limits are checked here, on
 the caller's side, so bad input fails fast with an `InputError` naming the field.
@@ -16,11 +16,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from app.engine.grammar import Grammar, GrammarCompiler, GrammarError, GrammarSpec, llguidance_version
+from app.engine.pooling import normalize
 from app.engine.prefix_cache import BLOCK_TOKENS
 from app.engine.runner import Loaded
 from app.engine.sampling import SamplingParams
@@ -90,8 +93,14 @@ class Engine:
                  max_batch_total_tokens: int = 32768, max_input_tokens: int | None = None,
                  max_total_tokens: int | None = None, prefill_chunk_tokens: int = 64,
                  max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
-                 score_chunk_tokens: int = 128) -> None:
+                 score_chunk_tokens: int = 128, embedding: Loaded | None = None,
+                 embedding_pooling: str = "last") -> None:
         self.generation = generation
+        # /v1/embeddings: the embedding graph of the generation checkpoint, pooled (`app.engine.pooling`)
+        # in calls of at most MAX_BATCH_PREFILL_TOKENS padded tokens, on the scheduler's worker thread.
+        self.embedding, self.embedding_pooling = embedding, embedding_pooling
+        self._embed_run = partial(embedding.runner.embed, pooling=embedding_pooling,
+                                  max_tokens=max_batch_prefill_tokens) if embedding else None
         self.max_total_tokens = max_total_tokens
         self.classification = classification
         self.max_input_tokens = max_input_tokens
@@ -103,6 +112,7 @@ class Engine:
             self.labels = _id2label(classification.checkpoint, probe.shape[-1])
         self.context_length = generation.runner.info.n_positions if generation else 0
         self.vocab_size = generation.runner.info.vocab_size if generation else 0
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size) if generation else None
         # Work on big request texts (tokenizing, offsets, their JSON) runs here, off the event loop.
         self._workers = ThreadPoolExecutor(_worker_threads(), thread_name_prefix="request-worker",
                                            initializer=_lower_priority)
@@ -160,6 +170,10 @@ class Engine:
                 r.reset()
                 r.idle()  # the warm-up's buffers for every row are not kept at rest
             logger.info("warm-up: a prefill and a decode step at batch %d in %.2f s", rows, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _ = self.grammars.ll_tokenizer  # the vocabulary in the grammar engine's form, for structured outputs
+            logger.info("grammar engine (llguidance %s) ready in %.2f s", llguidance_version(),
+                        time.perf_counter() - t0)
 
     def kv_bytes(self) -> dict[str, int]:
         """The generation runner's KV cache memory: reserved and in use (bytes)."""
@@ -198,7 +212,7 @@ class Engine:
     def stop(self) -> None:
         self.scheduler.stop()
         self._workers.shutdown(wait=False, cancel_futures=True)
-        for loaded in (self.generation, self.classification):
+        for loaded in (self.generation, self.classification, self.embedding):
             if loaded:
                 loaded.runner.close()
 
@@ -223,6 +237,22 @@ class Engine:
         """`fn(*args)` in the engine's worker threads (few, at a lower priority): for CPU work on a
         big request (tokenizing, offsets, a big JSON answer) that must not hold the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
+
+    async def compile_grammar(self, spec: GrammarSpec | None) -> Grammar | None:
+        """A request's structured-output constraint, compiled (cached by its text; a new one is
+        compiled in the worker threads, off the event loop). An invalid one is an `InputError`
+        naming its field."""
+        if spec is None:
+            return None
+        if self.grammars is None:
+            raise EngineUnavailableError("no generation model is loaded")
+        grammar = self.grammars.cached(spec)
+        if grammar is None:
+            try:
+                grammar = await self.offload(self.grammars.compile, spec)
+            except GrammarError as e:
+                raise InputError(e.field, e.message) from None
+        return grammar
 
     def prompt_limit(self) -> tuple[int, str]:
         """The most prompt tokens a generation request may have (a score-only request may fill
@@ -363,6 +393,18 @@ class Engine:
             prompts.append(ids)
         if top_k is not None and top_k < 1:
             raise InputError("top_k", "must be >= 1")
+        logits = await self._on_worker(lambda done: self.scheduler.classify(prompts, done))
+        z = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = z / z.sum(-1, keepdims=True)
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[: top_k or len(row)]
+            out.append([Label(self.labels[j], float(row[j])) for j in order])
+        return out
+
+    async def _on_worker(self, submit: Callable[[Callable[[Any], None]], None]) -> Any:
+        """`submit(done)` hands work to the scheduler's worker thread, which calls `done` with the
+        result or an exception; awaits that (`shutdown` fails it at once)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
 
@@ -372,17 +414,36 @@ class Engine:
 
         key = self._register(done)
         try:
-            self.scheduler.classify(prompts, done)
-            logits = await fut
+            submit(done)
+            return await fut
         finally:
             self._unregister(key)
-        z = np.exp(logits - logits.max(-1, keepdims=True))
-        probs = z / z.sum(-1, keepdims=True)
-        out = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[: top_k or len(row)]
-            out.append([Label(self.labels[j], float(row[j])) for j in order])
-        return out
+
+    # ---- embeddings --------------------------------------------------------------------------
+    async def embed(self, inputs: list[str | list[int]], fields: list[str], truncate: int | None = None,
+                    unit: bool = True) -> tuple[np.ndarray, int]:
+        """(vectors (n, n_embd) float32, input tokens) of texts or token-id lists: the final hidden
+        state pooled by EMBEDDING_POOLING and, with `unit`, scaled to unit L2 norm (vLLM's default).
+        Each input must fit the model's context unless `truncate` keeps its last N tokens."""
+        if self.embedding is None or self._embed_run is None:
+            raise EngineUnavailableError("no embedding model is loaded")
+        limit = self.embedding.runner.n_positions
+        prompts = []
+        for item, field in zip(inputs, fields, strict=True):
+            ids = list(item) if not isinstance(item, str) else await self.encode(
+                item, field, None if truncate else limit, "the model's context")
+            ids = ids[-truncate:] if truncate else ids
+            if not ids:
+                raise InputError(field, "must not be empty")
+            if len(ids) > limit:
+                raise InputError(field, f"{len(ids)} tokens exceed the model's context of {limit} tokens; shorten "
+                                        f"it or set truncate_prompt_tokens")
+            if any(not 0 <= i < self.vocab_size for i in ids):
+                raise InputError(field, "token id out of the vocabulary")
+            prompts.append(ids)
+        run = self._embed_run
+        vectors = await self._on_worker(lambda done: self.scheduler.embed(prompts, run, done))
+        return (normalize(vectors) if unit else vectors), sum(len(p) for p in prompts)
 
     def prefix_stats(self) -> dict[str, int] | None:
         """The prefix cache's counters and memory (read from any thread); None without one."""
@@ -413,11 +474,19 @@ class Engine:
                    "attention": lo.attention}
             if lo.task == "generate":
                 out["prefix_caching"] = self.prefix_info()
+                out["structured_outputs"] = {"engine": llguidance_version(), "compiled": self.grammars.compiled,
+                                             "cached": self.grammars.cache_size}
             if hasattr(lo.runner, "graphs_mode"):  # the fixed-buffer CUDA runner
                 r = lo.runner
                 out["cuda_graphs"] = {"setting": r.graphs_mode, "enabled": r.graphs_on,
                                       "buckets": r.buckets if r.graphs_on else [], "reason": r.graphs_reason}
             return out
 
+        embeddings: dict[str, Any] = {"available": self.embedding is not None, "endpoint": "/v1/embeddings"}
+        if self.embedding is not None:
+            embeddings |= {"pooling": self.embedding_pooling, "normalized": True,
+                           "loaded": self.embedding.runner.loaded,  # made at the first request
+                           "dimensions": self.embedding.runner.dim, **one(self.embedding)}
         return {"generation": one(self.generation), "classification": one(self.classification),
+                "embeddings": embeddings,
                 "context_length": self.context_length, "labels": self.labels}

@@ -84,6 +84,10 @@ class Sampler:
         # comes from (after penalties and temperature), so that both come from the same distribution.
         self.report_top = 0
         self.top: tuple[np.ndarray, np.ndarray] | None = None
+        # A grammar-constrained row (structured outputs): before each choice, the (V,) bool mask of
+        # the tokens that keep its output valid (`grammar.Constraint.allowed`).
+        self.constrained = False
+        self.allowed: np.ndarray | None = None
 
     @property
     def seed(self) -> int:
@@ -103,7 +107,7 @@ class Sampler:
         that do not (greedy, or top-k sampling with k <= MAX_TOP_K and nothing else) choose from
         the runner's top-N alternatives, computed where the logits are."""
         p = self.params
-        if self._processed or self.suppressing:
+        if self._processed or self.suppressing or self.constrained:
             return True
         if not p.sampling:
             return False
@@ -309,7 +313,11 @@ def top_of(logprobs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _report_top(state: Sampler | None, logprobs: np.ndarray) -> None:
     if state is not None and state.report_top:
-        state.top = top_of(logprobs, state.report_top)
+        ids, lps = top_of(logprobs, state.report_top)
+        if state.allowed is not None:  # a grammar's row lists only the tokens it could take
+            keep = lps > -np.inf
+            ids, lps = ids[keep], lps[keep]
+        state.top = (ids, lps)
 
 
 def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
@@ -317,11 +325,16 @@ def choose(logits: np.ndarray, params: SamplingParams, seen: set[int],
     """One token and its log-probability; `rng` is only read when `params.sampling`. `state` (the
     request's Sampler) holds what the penalties and `min_tokens` read: counts, length, tokens made."""
     scores = logits.astype(np.float32, copy=False)
+    allowed = state.allowed if state is not None else None
+    if allowed is not None:  # a grammar's mask: the first processor, so every later one sees only valid tokens
+        scores = np.where(allowed, scores, np.float32(-np.inf))
     if params.logit_bias:
         scores = apply_logit_bias(scores, params.logit_bias)
     if state is not None and state.suppressing:
-        scores = scores.copy()
-        scores[list(params.suppress_ids)] = -np.inf
+        kept = scores.copy()
+        kept[list(params.suppress_ids)] = -np.inf
+        if allowed is None or np.isfinite(kept).any():  # the grammar's end outranks min_tokens
+            scores = kept
     if params.repetition_penalty not in (None, 1.0):
         scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
         if scores.max() == np.inf:  # the penalty overflowed: those tokens outrank all others, equally

@@ -2,7 +2,8 @@
 
 Each iteration of the worker:
   1. drops rows whose request was cancelled or failed,
-  2. runs pending classification batches,
+  2. runs pending classification and embedding batches, at most `max_batch_prefill_tokens` of
+     their prompt tokens per iteration (`batch_jobs`),
   3. admits queued generation requests while the batch has room (`max_batch_size` rows and a
      budget of prompt + max_new_tokens tokens), fairly between requests (`admission.admit`): first the rows
      of the request (`GenerationRequest.group`) that holds the fewest rows, first come first served
@@ -40,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from app.engine import admission
+from app.engine.batch_jobs import BatchJobs, Job
+from app.engine.grammar import Constraint, Grammar, prefetch
 from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill, PromptScores, Selected, Want
 from app.engine.sampling import Sampler, SamplingParams
 from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
@@ -117,6 +120,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()  # more tokens that end it (vLLM's stop_token_ids)
     skip_special_tokens: bool = True  # special tokens add no text (vLLM's skip_special_tokens)
     group: object = None  # the API request it is a candidate of (prompts x best_of): admission is fair between groups
+    grammar: Grammar | None = None  # structured output: every token keeps the output valid
 
 
 class _Seq:
@@ -129,6 +133,8 @@ class _Seq:
         self.prompt: list[PromptToken] | None = None
         self.sampler = Sampler(req.params, req.prompt_ids)
         self.sampler.report_top = req.logprobs or 0
+        self.constraint = Constraint(req.grammar) if req.grammar is not None else None
+        self.sampler.constrained = self.constraint is not None
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=req.skip_special_tokens)
         self.tokenizer = tokenizer
         self.eos_id = eos_id
@@ -154,13 +160,19 @@ class _Seq:
         """Pick this row's next token from the runner's selection (the top-N, or the whole
         vocabulary's logits when the sampler needs them) and accept it."""
         ids, lps = sel.top_ids[row], sel.top_logprobs[row]
+        if self.constraint is not None:
+            self.sampler.allowed = self.constraint.allowed()
         if self.sampler.needs_logits:
             token_id, logprob = self.sampler(sel.logits[row])
             if self.sampler.top is not None:  # the alternatives of the distribution the host chose from
                 ids, lps = self.sampler.top
         else:
             token_id, logprob = self.sampler.from_top(ids, lps)
-        self.accept(token_id, logprob, self.top_tokens(ids, lps, self.req.logprobs or 0))
+        complete = False
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
+            complete = self.constraint.done and token_id != self.eos_id
+        self.accept(token_id, logprob, self.top_tokens(ids, lps, self.req.logprobs or 0), complete)
 
     def scored_prompt(self, scores: PromptScores | None) -> list[PromptToken]:
         """The prompt's tokens with their log-probabilities (the first has none), as asked."""
@@ -180,8 +192,10 @@ class _Seq:
             finish = Finish("length", "", 0, None, [], self.prompt)
             self.emit(StreamEvent(0, None, finish, "", self.prompt))
 
-    def accept(self, token_id: int, logprob: float, top: list[TopToken] | None = None) -> None:
-        """Emit the chosen token and decide whether we are done."""
+    def accept(self, token_id: int, logprob: float, top: list[TopToken] | None = None,
+               complete: bool = False) -> None:
+        """Emit the chosen token and decide whether we are done. `complete`: the row's grammar
+        accepts nothing more (its only next token would be EOS), so it ends here as at EOS."""
         self.last_token = token_id
         special = token_id in self.tokenizer.special_ids
         delta = self.decoder.push(token_id)
@@ -189,7 +203,7 @@ class _Seq:
         self.tokens.append(tok)
         reason, stop_reason, stop_text = None, None, ""
         self.text += delta
-        if len(self.tokens) < self.req.params.min_tokens:  # vLLM: nothing stops it before min_tokens
+        if len(self.tokens) < self.req.params.min_tokens and not complete:  # vLLM: nothing stops it before min_tokens
             pass
         elif self.req.stop_at_eos and token_id == self.eos_id:
             reason, stop_text = "eos_token", delta
@@ -203,6 +217,8 @@ class _Seq:
                 i, s = min(hits)
                 self.text = self.text[: i + len(s)]  # the stop sequence is kept, as TGI does
                 reason, stop_reason, stop_text = "stop_sequence", s, s
+        if reason is None and complete:
+            reason = "eos_token"
         if reason is None and (len(self.tokens) >= self.req.max_new_tokens
                                or len(self.req.prompt_ids) + len(self.tokens) >= self.context_limit):
             reason = "length"
@@ -236,12 +252,6 @@ def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
         queue.put_nowait(ev)
 
 
-@dataclass
-class _Classify:
-    prompts: list[list[int]]
-    done: Callable[[Any], None]
-
-
 class Scheduler:
     """Owns the runners; `submit`/`classify` are thread-safe and non-blocking."""
 
@@ -268,7 +278,8 @@ class Scheduler:
         self._queue: deque[_Seq] = deque()
         self._prefilling: deque[_Seq] = deque()  # admitted, prompt not yet in the cache
         self._chunked: tuple[_Seq, PendingPrefill] | None = None  # the prompt being prefilled in chunks
-        self._classify: deque[_Classify] = deque()
+        # Classification and embedding calls: a budget of prompt tokens per iteration (batch_jobs)
+        self._jobs = BatchJobs(self.max_batch_prefill_tokens, max_batch_size * 4)
         self._active: list[_Seq] = []
         # Events made during one iteration, delivered together by `_flush` (worker thread only).
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = []
@@ -316,7 +327,15 @@ class Scheduler:
         if self.classifier is None:
             raise RuntimeError("no classification model is loaded")
         with self._cond:
-            self._classify.append(_Classify(prompts, done))
+            self._jobs.add(Job(prompts, done, self.classifier.classify, "classification"))
+            self._cond.notify()
+
+    def embed(self, prompts: list[list[int]], run: Callable[[list[list[int]]], np.ndarray],
+              done: Callable[[Any], None]) -> None:
+        """`run(prompts)` (the embedding runner's pooled vectors) on the worker thread, batched with
+        the other pending calls of the same `run`, as classification is; `done` gets the result."""
+        with self._cond:
+            self._jobs.add(Job(prompts, done, run, "embedding"))
             self._cond.notify()
 
     # ---- the worker --------------------------------------------------------------------------
@@ -324,7 +343,7 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not (self._stop or self._queue or self._classify or self._active or self._prefilling
+                    while not (self._stop or self._queue or self._jobs or self._active or self._prefilling
                                or self._chunked):
                         # Quiet for IDLE_RELEASE_S with memory to give back: the runner gives it back.
                         quiet = self.runner is not None and self.runner.releasable
@@ -332,12 +351,10 @@ class Scheduler:
                             self.runner.idle()
                     if self._stop:
                         break
-                    pending_cls = list(self._classify)
-                    self._classify.clear()
                 try:
                     self._drop(lambda s: s.cancelled)
-                    if pending_cls:
-                        self._run_classify(pending_cls)
+                    if self._jobs:
+                        self._jobs.run_some()
                     if self.runner is not None:
                         self._generation_step()
                 except Exception as e:  # a failed step fails the batch's requests, never the worker
@@ -351,6 +368,7 @@ class Scheduler:
                 self._queue.clear()
             for s in self._active + waiting + list(self._prefilling) + queued:
                 s.fail(RuntimeError("engine stopped"))
+            self._jobs.fail_all(RuntimeError("engine stopped"))
             self._flush()
 
     def _flush(self) -> None:
@@ -411,6 +429,7 @@ class Scheduler:
         self.runner.keep_pending()  # then their prompts go into the prefix cache
         self._drop(lambda s: s.finished or s.cancelled)  # a score-only request ends at its prefill
         if self._active:
+            prefetch([s.constraint for s in self._active if s.constraint is not None])  # during the step
             sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))
             self._accept(self._active, sel)
             self._drop(lambda s: s.finished or s.cancelled)
@@ -509,18 +528,3 @@ class Scheduler:
         for i, s in enumerate(seqs):
             if not s.finished:
                 s.choose(sel, i)
-
-    def _run_classify(self, jobs: Sequence[_Classify]) -> None:
-        flat = [p for j in jobs for p in j.prompts]
-        try:
-            logits = np.concatenate([self.classifier.classify(flat[i:i + self.max_batch_size * 4])
-                                     for i in range(0, len(flat), self.max_batch_size * 4)])
-        except Exception as e:
-            logger.exception("classification batch failed")
-            for j in jobs:
-                j.done(e)
-            return
-        k = 0
-        for j in jobs:
-            j.done(logits[k:k + len(j.prompts)])
-            k += len(j.prompts)

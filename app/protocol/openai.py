@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from app.engine.engine import Engine, InputError
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest
+from app.protocol import structured
 from app.protocol.logprobs import ChatLogprobs, CompletionLogprobs
 from app.schemas import (
     MAX_LOGIT_BIAS,
@@ -64,8 +65,7 @@ class StreamOptions(OpenAIModel):
 # vLLM's request fields this server does not implement, with the values that mean "off".
 VLLM_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,), "length_penalty": (1.0, 1), "allowed_token_ids": (), "bad_words": ([],),
-    "prompt_logprobs": (), "structured_outputs": (), "guided_json": (), "guided_regex": (), "guided_choice": (),
-    "guided_grammar": (), "logits_processors": (), "return_tokens_as_token_ids": (False,), "priority": (0,),
+    "prompt_logprobs": (), "logits_processors": (), "return_tokens_as_token_ids": (False,), "priority": (0,),
     "prompt_embeds": (),
 }
 
@@ -98,17 +98,24 @@ class SamplingFields(OpenAIModel):
                                                                          "decoder adds no spaces either way")
     truncate_prompt_tokens: int | None = Field(None, ge=-1, description="keep the prompt's last N tokens; -1: "
                                                                          "the input limit")
+    return_token_ids: bool | None = Field(None, description="vLLM: the prompt's token ids (`prompt_token_ids`) and "
+                                                            "each choice's generated ids (`token_ids`); streamed: "
+                                                            "each chunk's ids, the prompt's in the first")
+    # Structured outputs (app/protocol/structured.py reads them; at most one per request)
+    response_format: Any = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
+                                                   '"json_schema": {"name", "schema", "strict"}}')
+    guided_json: Any = Field(None, description="vLLM: a JSON schema the output follows")
+    guided_regex: str | None = Field(None, description="vLLM: a regular expression the output matches")
+    guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM: a Lark (or GBNF) grammar the output follows")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM: {json | regex | choice | grammar | "
+                                                                        "json_object: ...}")
     # vLLM's fields that are not implemented: only their "off" value
     use_beam_search: Any = None
     length_penalty: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
     prompt_logprobs: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: Any = None
     priority: Any = None
@@ -181,7 +188,6 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     suffix: str | None = Field(None, description="not supported: only null (as vLLM)")
     add_special_tokens: bool | None = Field(True, description="accepted; GPT-2's tokenizer adds no special tokens")
-    response_format: dict | None = Field(None, description="only null or {\"type\": \"text\"}")
 
     @field_validator("prompt")
     @classmethod
@@ -206,11 +212,6 @@ class CompletionRequest(SamplingFields):
     def _suffix(cls, v: str | None) -> str | None:
         return _off(v, (), "suffix", "not supported (as in vLLM)")
 
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v: dict | None) -> dict | None:
-        return _off(v, ({"type": "text"},), "response_format", "not supported: only plain text")
-
     @property
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -229,6 +230,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["length", "stop"] | None
     stop_reason: int | str | None = Field(None, description="vLLM: the stop string or stop token id that ended it")
+    token_ids: list[int] | None = Field(None, description="vLLM, with return_token_ids: the generated token ids")
+    prompt_token_ids: list[int] | None = Field(None, description="vLLM, with return_token_ids: the prompt's ids")
 
 
 class CompletionResponse(BaseModel):
@@ -318,6 +321,7 @@ async def to_requests(engine: Engine, body: SamplingFields, prompt: str | list[i
         name = {"inputs": field, "max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}.get(e.field, e.field)
         message = str(e).split(": ", 1)[1].replace("inputs (", "prompt (").replace("max_new_tokens", "max_tokens")
         raise InputError(name, message) from e
+    first.grammar = await engine.compile_grammar(structured.openai_spec(body))
     first.stop_token_ids = frozenset(body.stop_token_ids or ())  # checked for every token: a set
     first.stop_at_eos = not body.ignore_eos
     first.skip_special_tokens = body.skip_special_tokens is not False
@@ -377,7 +381,7 @@ CHAT_ACCEPTED = ("metadata", "store", "service_tier", "prompt_cache_key", "promp
 # OpenAI chat features this server does not have: only their "off" value.
 CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "audio": (), "prediction": (), "web_search_options": (), "functions": ([],), "function_call": ("none",),
-    "moderation": (), "modalities": (["text"],), "response_format": ({"type": "text"},),
+    "moderation": (), "modalities": (["text"],),
 }
 
 
@@ -419,7 +423,6 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = None
     moderation: Any = None
     modalities: Any = None
-    response_format: Any = None
 
     @field_validator(*CHAT_UNSUPPORTED)
     @classmethod
@@ -456,6 +459,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["length", "stop"] | None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = Field(None, description="vLLM, with return_token_ids: the generated token ids")
 
 
 class ChatCompletionResponse(BaseModel):
@@ -465,3 +469,5 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = Field(None, description="vLLM, with return_token_ids: the rendered "
+                                                                 "prompt's token ids")

@@ -16,12 +16,13 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from app.engine.engine import Engine, InputError
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, TopToken
+from app.protocol import structured
 from app.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, _Request
 
 # TGI parameters this server does not implement, with the value that means "off". The official
 # `text-generation` client sends every one of them on every request, so they are accepted at that
 # value; any other value is a 422 naming the parameter, never silently ignored.
-UNSUPPORTED_TGI_PARAMETERS: dict[str, Any] = {"watermark": False, "grammar": None, "adapter_id": None}
+UNSUPPORTED_TGI_PARAMETERS: dict[str, Any] = {"watermark": False, "adapter_id": None}
 
 
 class GenerateParameters(_Request):
@@ -51,9 +52,11 @@ class GenerateParameters(_Request):
     top_n_tokens: int | None = Field(None, ge=0, description=f"the most likely alternatives of each generated token "
                                                              f"(0 to {MAX_LOGPROBS}; 0 or null: none), in "
                                                              f"`details.top_tokens` and each event's `top_tokens`")
+    grammar: dict | None = Field(None, description='structured output: {"type": "json", "value": schema}, '
+                                                   '{"type": "regex", "value": regex} or {"type": "json_schema", '
+                                                   '"value": {"name", "schema"}}')
     # Accepted only at their "off" value (see UNSUPPORTED_TGI_PARAMETERS).
     watermark: bool = Field(False, description="not supported: only false")
-    grammar: dict | None = Field(None, description="not supported: only null")
     adapter_id: str | None = Field(None, description="not supported: only null")
 
     @field_validator(*UNSUPPORTED_TGI_PARAMETERS)
@@ -135,6 +138,7 @@ class StreamDetails(BaseModel):
     finish_reason: FinishReason
     generated_tokens: int
     seed: int | None
+    input_length: int = Field(description="prompt tokens (after `truncate`), as TGI's StreamDetails")
 
 
 class StreamResponse(BaseModel):
@@ -178,6 +182,7 @@ async def to_requests(engine: Engine, body: GenerateRequest, max_best_of: int, s
     score = 0 if p.decoder_input_details and p.details else None
     req = await engine.prepare_async(body.inputs, p.max_new_tokens, sampling_params(p), p.stop,
                                      logprobs=p.top_n_tokens or None, prompt_logprobs=score, truncate=p.truncate)
+    req.grammar = await engine.compile_grammar(structured.tgi_spec(p.grammar))
     return [req] + [dataclasses.replace(req, params=dataclasses.replace(req.params), prompt_logprobs=None)
                     for _ in range(best_of - 1)]
 
