@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.api.deps import ServiceState, check_api_key
-from app.api.routes import classify, generate, health, openai, playground, tokenize
+from app.api.routes import classify, embeddings, generate, health, openai, playground, responses, tokenize
 from app.api.routing import INLINE_JSON_BYTES, Route, off_loop
 from app.core.config import Settings, get_settings
 from app.core.errors import UnauthorizedError, error_response, error_type_for, install_error_handlers
@@ -57,6 +57,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         max_batch_prefill_tokens=s.max_batch_prefill_tokens, waiting_served_ratio=s.waiting_served_ratio,
         cuda_graphs=s.cuda_graphs, retry_failed_export=s.retry_failed_export,
         export_lock_stale_s=s.export_lock_stale_seconds, prefix_cache_bytes=s.prefix_cache_bytes,
+        embedding_pooling=None if s.embedding_pooling == "off" else s.embedding_pooling,
     )
     engine.start()
     return engine
@@ -298,7 +299,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     state = ServiceState(settings=settings)
     app.state.service = state
     install_error_handlers(app)
-    for module in (generate, classify, openai, tokenize, health, playground):
+    for module in (generate, classify, openai, responses, embeddings, tokenize, health, playground):
         if module.router.route_class is not Route:  # big JSON bodies are parsed off the event loop there
             raise TypeError(f"{module.__name__}.router must be made with app.api.routing.api_router")
         app.include_router(module.router)

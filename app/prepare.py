@@ -1,5 +1,6 @@
-"""`python -m app.prepare`: make (or check) the cached ONNX exports for MODEL_PATH and
-CLASSIFIER_PATH, so the server's first start is fast. The Docker image runs it at build time."""
+"""`python -m app.prepare`: make (or check) the cached ONNX exports for MODEL_PATH (its generation
+and, unless EMBEDDING_POOLING=off, embedding graphs) and CLASSIFIER_PATH, so the server's first
+start is fast. The Docker image runs it at build time."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     s = get_settings()
     device = "cpu" if s.device == "auto" else s.device
     jobs = [("generate", s.model_path)] + ([("classify", s.classifier_path)] if s.classifier_path else [])
+    jobs += [("embed", s.model_path)] if s.embedding_pooling != "off" else []
     for task, path in jobs:
         try:
             onnx, _ = ensure_export(path, task, resolve_precision(s.precision, device), s.onnx_cache_dir, device,

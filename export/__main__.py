@@ -1,4 +1,4 @@
-"""`python -m export --checkpoint DIR --task generate|classify --out DIR [--precision ...]`.
+"""`python -m export --checkpoint DIR --task generate|classify|embed --out DIR [--precision ...]`.
 
 Progress goes to stderr, the summary table to stdout; the exit code is 0 only when the export
 was written and (unless --no-verify) matched PyTorch.
@@ -21,7 +21,8 @@ logger = logging.getLogger("export")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description="Export a GPT-2 checkpoint folder to ONNX.")
     p.add_argument("--checkpoint", required=True, type=Path, help="HF GPT-2 checkpoint folder")
-    p.add_argument("--task", required=True, choices=["generate", "classify"])
+    p.add_argument("--task", required=True, choices=["generate", "classify", "embed"],
+                   help="embed: a language model's final hidden states (the embeddings' graph)")
     p.add_argument("--out", required=True, type=Path, help="output folder for model.onnx + manifest.json")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="int8 / int4: block-quantized weights (MatMulNBits), for CPU; fp16: for CUDA")

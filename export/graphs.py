@@ -1,4 +1,4 @@
-"""Trace our PyTorch GPT-2 into the two ONNX graphs the service runs (DESIGN §7).
+"""Trace our PyTorch GPT-2 into the ONNX graphs the service runs (DESIGN §7).
 
 Generation graph: one graph for prefill (past length 0) and decode (one new token)
     inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
@@ -14,6 +14,8 @@ Selection (`model.gpt2.select_tokens`: log-softmax, gather and top-N where the l
              TopK's k itself (`_top_n_straight_into_topk`)
     outputs  token_logprobs (B, K), top_ids (B, K, N) int64, top_logprobs (B, K, N)
 Classification graph: input_ids, attention_mask -> logits (B, num_labels).
+Embedding graph: input_ids, attention_mask -> last_hidden_state (B, T, n_embd), the trunk's final
+hidden states (after `ln_f`), which `app.engine.pooling` pools into one vector per row.
 
 The fused residual-add + LayerNorm and the bias+GELU of the model emit their ONNX Runtime
 contrib nodes themselves while `torch.onnx.export` traces (see `model/gpt2.py`), so what comes
@@ -94,6 +96,18 @@ class _ClassificationGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask):  # noqa: ANN001
         return self.model(input_ids, attention_mask).logits
+
+
+class _EmbeddingGraph(nn.Module):
+    """The trunk alone (HF's `GPT2Model`): every position's hidden state after the final LayerNorm."""
+
+    def __init__(self, model: GPT2) -> None:
+        super().__init__()
+        self.transformer = model.transformer
+
+    def forward(self, input_ids, attention_mask):  # noqa: ANN001
+        hidden, _ = self.transformer(input_ids, attention_mask)
+        return hidden
 
 
 def _set_dims(model: onnx_ir.Model, dims: dict[str, list[str | int]]) -> None:
@@ -338,4 +352,26 @@ def export_classification(model: GPT2ForSequenceClassification, path: str | Path
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset_version=opset,
     )
     dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ], "logits": [BATCH, cfg.num_labels]}
+    _save(program, model, Path(path), dims)
+
+
+@torch.no_grad()
+def export_embedding(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export the embedding graph of a language model `model` (fp32) to `path`: `input_ids`,
+    `attention_mask` -> `last_hidden_state` (B, T, n_embd). Position ids come from the mask (as the
+    classifier's), so left padding does not shift them."""
+    cfg = model.config
+    model = model.eval().float()
+    B, T = 2, 5
+    dev = next(model.parameters()).device
+    input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+    attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
+    batch, seq = Dim(BATCH), Dim(SEQ, max=cfg.n_positions)
+    logger.info("tracing the embedding graph (%d layers)", cfg.n_layer)
+    program = _export(
+        _EmbeddingGraph(model), (input_ids, attention_mask),
+        input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset_version=opset,
+    )
+    dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ], "last_hidden_state": [BATCH, SEQ, cfg.n_embd]}
     _save(program, model, Path(path), dims)

@@ -17,7 +17,7 @@ from export import manifest as mf
 from export import storage
 from export.agreement import PPL_MARGIN, compare_perplexity, heldout_reference
 from export.fusion import check_fusion, fused_op_counts, prune_unused_optional_outputs
-from export.graphs import DEFAULT_OPSET, export_classification, export_generation
+from export.graphs import DEFAULT_OPSET, export_classification, export_embedding, export_generation
 from export.precision import PRECISIONS, to_fp16
 from export.quantize import BLOCK_CONFIGS, quantize_blockwise
 from export.reference import reference
@@ -25,7 +25,7 @@ from export.verify import Check, ParityError, compare
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("generate", "classify")
+TASKS = ("generate", "classify", "embed")  # embed: the trunk's hidden states (`export_embedding`)
 ATTENTIONS = ("standard", "gqa")
 
 
@@ -71,7 +71,8 @@ def export_checkpoint(
     """Export `checkpoint` into folder `out` and return the manifest written there.
 
     `attention` ("standard" or "gqa") picks the generation graph's signature (see
-    `export.graphs`); classification graphs ignore it.
+    `export.graphs`); classification and embedding graphs ignore it. `task="embed"` exports a
+    language model's trunk (`export.graphs.export_embedding`).
 
     Raises `ExportError` / `CheckpointError` (bad input) or `ParityError` (verification failed;
     the manifest is still written, with `parity.passed = false`).
@@ -111,6 +112,8 @@ def export_checkpoint(
         fp32_path = tmp / "fp32.onnx"
         if is_classifier:
             export_classification(model, fp32_path, opset)
+        elif task == "embed":
+            export_embedding(model, fp32_path, opset)
         else:
             export_generation(model, fp32_path, opset, attention=attention)
         gc.collect()  # the exporter's program and its copies of the graph
@@ -119,8 +122,9 @@ def export_checkpoint(
             # PyTorch's side of the checks runs now (every scenario's tokens are PyTorch's own
             # argmax, so nothing from the graph is needed), keeping only its answers; the model
             # is then freed before ONNX Runtime loads its copy of the weights.
-            ref = reference(model, "classify" if is_classifier else attention, checkpoint)
-            if precision in PPL_MARGIN and not is_classifier:
+            ref = reference(model, "classify" if is_classifier else "embed" if task == "embed" else attention,
+                            checkpoint)
+            if precision in PPL_MARGIN and task == "generate":
                 ppl_ref = heldout_reference(model, checkpoint)
             logger.info("PyTorch reference for the parity check: %d scenarios, %.1f MB kept",
                         len(ref.scenarios), ref.nbytes / 1e6)
@@ -129,7 +133,7 @@ def export_checkpoint(
         proto = storage.load_structure(fp32_path)
         pruned = prune_unused_optional_outputs(proto)
         logger.info("pruned %d unused optional outputs", pruned)
-        counts = check_fusion(proto, n_layer, "standard" if is_classifier else attention)
+        counts = check_fusion(proto, n_layer, attention if task == "generate" else "standard")
         if precision == "fp16":
             logger.info("converting to fp16")
             onnx.external_data_helper.load_external_data_for_model(proto, str(tmp))
@@ -147,7 +151,7 @@ def export_checkpoint(
         "format_version": mf.FORMAT_VERSION,
         "task": task,
         "precision": precision,
-        "attention": None if is_classifier else attention,
+        "attention": attention if task == "generate" else None,
         "opset": opset,
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": mf.checkpoint_sha256(checkpoint)},
         "model": {"architectures": config.architectures, "n_layer": n_layer, "n_head": config.n_head,

@@ -24,7 +24,7 @@ from export.storage import INLINE_LIMIT, initializer_bytes
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-FP32_OUTPUTS = ("logits",)
+FP32_OUTPUTS = ("logits", "last_hidden_state")  # the embedding graph's hidden states are pooled in fp32
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from torch import nn
 
 from model.gpt2 import GPT2, GPT2ForSequenceClassification, select_tokens
 
-SIGNATURES = ("standard", "gqa", "classify")
+SIGNATURES = ("standard", "gqa", "classify", "embed")
 SCORE_TOP_N = 5  # alternatives compared per position (the selection outputs, `model.gpt2.select_tokens`)
 DECODE_STEPS = 8
 PROMPTS = [
@@ -48,6 +48,7 @@ class Call:
     token_logprobs: np.ndarray | None = None  # select_tokens on PyTorch's logits at the same positions
     top_logprobs: np.ndarray | None = None
     cache_len: int = 0  # columns of PyTorch's cache after this call (a prefix of `Scenario.kv`); 0: not compared
+    hidden: np.ndarray | None = None  # (B, T, C) the trunk's final hidden states (the embedding graph)
 
 
 @dataclass
@@ -73,12 +74,12 @@ class Reference:
 
     @property
     def task(self) -> str:
-        return "classify" if self.signature == "classify" else "generate"
+        return self.signature if self.signature in ("classify", "embed") else "generate"
 
     @property
     def nbytes(self) -> int:
         arrays = [a for s in self.scenarios for c in s.calls
-                  for a in (*c.feed.values(), c.logits, c.token_logprobs, c.top_logprobs) if a is not None]
+                  for a in (*c.feed.values(), c.logits, c.token_logprobs, c.top_logprobs, c.hidden) if a is not None]
         arrays += [a for s in self.scenarios for kv in s.kv for a in kv]
         return sum(a.nbytes for a in arrays)
 
@@ -236,26 +237,42 @@ def _gqa(model: GPT2, prompts: list[list[int]]) -> list[Scenario]:
     return out
 
 
-def _classify(model: GPT2ForSequenceClassification, prompts: list[list[int]]) -> list[Scenario]:
-    """A left-padded batch, the same rows right-padded, and batch 1."""
+def _padded_batches(prompts: list[list[int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A left-padded batch, the same rows right-padded, and batch 1: (ids, mask) each."""
     ids, mask = left_pad(prompts)
-    batches = {"left-padded batch": (ids, mask), "right-padded batch": (
+    return {"left-padded batch": (ids, mask), "right-padded batch": (
         np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(ids, mask, strict=True)]),
         np.stack([np.roll(m, -int((m == 0).sum())) for m in mask]),
     ), "batch 1": (ids[-1:], mask[-1:])}
+
+
+def _classify(model: GPT2ForSequenceClassification, prompts: list[list[int]]) -> list[Scenario]:
     out = []
-    for label, (i, m) in batches.items():
+    for label, (i, m) in _padded_batches(prompts).items():
         logits = model(torch.from_numpy(i), torch.from_numpy(m)).logits.numpy().copy()
         out.append(Scenario(label, i.shape[0], [Call({"input_ids": i, "attention_mask": m}, label, logits)]))
+    return out
+
+
+def _embed(model: GPT2, prompts: list[list[int]]) -> list[Scenario]:
+    """The trunk's final hidden states (what the embedding graph returns) for the same batches."""
+    out = []
+    for label, (i, m) in _padded_batches(prompts).items():
+        hidden, _ = model.transformer(torch.from_numpy(i), torch.from_numpy(m))
+        out.append(Scenario(label, i.shape[0], [Call({"input_ids": i, "attention_mask": m}, label,
+                                                     hidden=hidden.numpy().copy())]))
     return out
 
 
 @torch.no_grad()
 def reference(model: nn.Module, attention: str = "standard", checkpoint: Path | None = None) -> Reference:
     """PyTorch's answers for every scenario of the graph `model` was exported to: `attention`
-    ("standard" or "gqa") for a language model; a classifier has one signature."""
+    ("standard" or "gqa") for a language model's generation graph, "embed" for its embedding graph;
+    a classifier has one signature."""
     cfg = model.config
     prompts = prompt_ids(checkpoint, cfg.vocab_size)
+    if attention == "embed":
+        return Reference("embed", cfg.n_layer, cfg.n_head, cfg.head_dim, 0, _embed(model, prompts))
     if isinstance(model, GPT2ForSequenceClassification):
         return Reference("classify", cfg.n_layer, cfg.n_head, cfg.head_dim, 0, _classify(model, prompts))
     if attention == "gqa":

@@ -4,7 +4,8 @@ Generation scenarios: a left-padded prefill batch, a chain of decode steps that 
 its own `present.*` back as `past_key_values.*`, and a batch-1 prefill + decode (past length 0,
 sequence length 1: the dims the trace could not see). Both sides get the same tokens at every
 step (the PyTorch argmax), so fp16/int8 are judged position by position. Classification: a
-left-padded and a right-padded batch.
+left-padded and a right-padded batch. Embedding: the trunk's hidden states for the same batches, at
+the real positions (values in fp32, cosine distance at every precision: `EMBED_COSINE_TOL`).
 
 The check runs in two phases that never overlap: `export.reference.reference` runs every
 scenario on PyTorch and keeps PyTorch's answers (a few MB to ~150 MB for GPT-2 XL), then
@@ -52,6 +53,12 @@ TOP1_FLOOR = {"fp32": 1.0, "fp16": 0.95, "int8": 0.90, "int4": 0.80}
 # int4 0.935 exact), and a broken quantization still scores near 0 either way. The exact share
 # is reported beside it.
 TIE_NATS = {"fp32": 0.0, "fp16": 0.0, "int8": 0.2, "int4": 0.2}
+# The embedding graph has no next token to agree on: each real position's hidden state is judged by
+# its cosine distance to PyTorch's (1 - cos; what a pooled, normalized embedding keeps), gating at
+# every precision (fp32 is also held to FP32_TOL on the values themselves). Measured: fp16 7e-7,
+# int8 4e-5, int4 9e-4 on the demo LM (3e-3 on the tiny random test model); the bounds leave room for
+# other checkpoints and still catch a broken conversion (a wrong vector is ~1 away).
+EMBED_COSINE_TOL = {"fp32": 1e-5, "fp16": 1e-3, "int8": 1e-2, "int4": 5e-2}
 
 
 class ParityError(RuntimeError):
@@ -138,9 +145,7 @@ class _Session:
 
     @property
     def signature(self) -> str:
-        if "seqlens_k" in self.input_types:
-            return "gqa"
-        return "standard" if "past_key_values.0.key" in self.input_types else "classify"
+        return _signature_of(set(self.input_types), set(self.output_names))
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = set(self.input_types) - set(feed)
@@ -168,9 +173,23 @@ def _top1(report: ParityReport, got: np.ndarray, ref: np.ndarray) -> None:
     report.top1_total += int(ref.shape[0])
 
 
+def _check_hidden(report: ParityReport, call: Call, got: np.ndarray, gate: bool) -> None:
+    """The embedding graph's hidden states against PyTorch's at the real positions (a padded
+    position's value is never pooled): the values (fp32) and each position's cosine distance."""
+    real = call.feed["attention_mask"].astype(bool)
+    g, r = got.astype(np.float32)[real], call.hidden.astype(np.float32)[real]  # (positions, C)
+    _compare(report, call.name, "last_hidden_state", g, r, gate)
+    if g.shape == r.shape:
+        cos = (g * r).sum(-1) / np.maximum(np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1), 1e-12)
+        report.checks.append(Check(call.name, "last_hidden_state cosine distance", float((1 - cos).max()),
+                                   EMBED_COSINE_TOL[report.precision]))
+
+
 def _check_call(report: ParityReport, call: Call, out: dict[str, np.ndarray], gate: bool) -> None:
     """A checked call's logits (and top-1) and selection outputs against PyTorch's. The graph's
     top-N ids may swap where two are within rounding; their log-probabilities are what is gated."""
+    if call.hidden is not None:
+        _check_hidden(report, call, out["last_hidden_state"], gate)
     if call.logits is not None:
         _compare(report, call.name, "logits", out["logits"], call.logits, gate)
         _top1(report, out["logits"], call.logits)
@@ -227,14 +246,20 @@ def compare(ref: Reference, onnx_path: Path, precision: str = "fp32",
     return report
 
 
+def _signature_of(inputs: set[str], outputs: set[str]) -> str:
+    if "seqlens_k" in inputs:
+        return "gqa"
+    if "past_key_values.0.key" in inputs:
+        return "standard"
+    return "embed" if "last_hidden_state" in outputs else "classify"
+
+
 def _signature(onnx_path: Path) -> str:
-    """The graph's signature from its inputs (the structure only; weights stay on disk)."""
+    """The graph's signature from its inputs and outputs (the structure only; weights stay on disk)."""
     import onnx
 
-    names = {i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input}
-    if "seqlens_k" in names:
-        return "gqa"
-    return "standard" if "past_key_values.0.key" in names else "classify"
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return _signature_of({i.name for i in graph.input}, {o.name for o in graph.output})
 
 
 def reference_for(model: nn.Module, onnx_path: Path, checkpoint: Path | None = None) -> Reference:

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
                                                    "prompt adds to a cached prefix")
     prefix_cache_mb: int = Field(512, ge=0, description="the prefix cache's budget in MiB (host memory on CPU, "
                                                         "GPU memory on CUDA); 0 turns it off")
+    embedding_pooling: Literal["last", "mean", "off"] = Field(
+        "last", description="/v1/embeddings: the final hidden state of the last token (vLLM's default for a "
+                            "causal LM) or the mean over the tokens, unit L2 norm; off: no embedding graph "
+                            "(not exported, not loaded)")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA fp16: capture decode steps as CUDA graphs per batch bucket, checked against "
@@ -67,6 +71,9 @@ class Settings(BaseSettings):
                             "refuse to start)")
     log_level: str = "INFO"
     model_id: str | None = Field(None, description="name in /info and /v1/models; default: the checkpoint folder")
+    strict_model_name: bool = Field(False, description="/v1 requests naming another model get 404 model_not_found "
+                                                       "(vLLM); default: served by the one model, named in the "
+                                                       "response (TGI, llama.cpp)")
     api_key: str | None = Field(None, description="when set, every route but /health and /metrics needs it")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     # Connections (issue 20): bounds on what a client can hold before its request is whole.

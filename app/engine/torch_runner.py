@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.engine.pooling import EmbeddingRunner
 from app.engine.runner import KV, ClassificationRunner, ModelInfo, PaddedRunner, left_pad
 from model import load_pretrained
 from model.gpt2 import select_tokens
@@ -75,3 +76,22 @@ class TorchClassificationRunner(ClassificationRunner):
         ids, mask = left_pad(prompts)
         out = self.model(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
         return out.logits.float().cpu().numpy()
+
+
+class TorchEmbeddingRunner(EmbeddingRunner):
+    """The language model's trunk (`GPT2Model`): its final hidden states, pooled by `EmbeddingRunner`."""
+
+    backend = "torch"
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32",
+                 num_threads: int | None = None) -> None:
+        self.device = device
+        self.model = _load(checkpoint, device, precision, num_threads)
+        self.n_positions = self.model.config.n_positions
+        self.dim = self.model.config.n_embd
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        hidden, _ = self.model.transformer(t(ids), t(mask))
+        return hidden.float().cpu().numpy()

@@ -19,13 +19,17 @@ def load_engine(model_path: Path | None, classifier_path: Path | None = None, ba
                 cancel: threading.Event | None = None, prefill_chunk_tokens: int = 64,
                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
                 score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False,
-                export_lock_stale_s: float = 30.0, prefix_cache_bytes: int = 0) -> Engine:
+                export_lock_stale_s: float = 30.0, prefix_cache_bytes: int = 0,
+                embedding_pooling: str | None = None) -> Engine:
     """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export.
-    `prefix_cache_bytes`: the generation runner's prefix cache budget (0: off)."""
+    `prefix_cache_bytes`: the generation runner's prefix cache budget (0: off). `embedding_pooling`
+    ("last" or "mean"): also load the embedding graph of `model_path` (`/v1/embeddings`); None: not."""
     kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
               cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
               retry_failed_export=retry_failed_export, lock_stale_s=export_lock_stale_s)
     gen = load("generate", model_path, prefix_cache_bytes=prefix_cache_bytes, **kw) if model_path else None
     clf = load("classify", classifier_path, **kw) if classifier_path else None
+    emb = load("embed", model_path, **kw) if model_path and embedding_pooling else None
     return Engine(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
-                  prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens)
+                  prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens,
+                  embedding=emb, embedding_pooling=embedding_pooling or "last")

@@ -317,7 +317,7 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
 def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
               cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool,
               lock_stale_s: float, prefix_cache_bytes: int = 0) -> Loaded:
-    from app.engine.ort_runner import OrtClassificationRunner, OrtGenerationRunner, OrtSlotRunner
+    from app.engine.ort_runner import OrtClassificationRunner, OrtEmbeddingRunner, OrtGenerationRunner, OrtSlotRunner
 
     attention = attention_for(task, dev, precision)
     note = None
@@ -334,7 +334,9 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
         path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
                                         lock_stale_s)
     n_positions = _context_length(path)
-    if task != "generate":
+    if task == "embed":
+        runner = OrtEmbeddingRunner(path, dev, num_threads, n_positions=n_positions)
+    elif task != "generate":
         runner = OrtClassificationRunner(path, dev, num_threads, n_positions=n_positions)
     elif attention == "gqa" and dev == "cuda":
         from app.engine.fixed_runner import OrtFixedRunner
@@ -366,7 +368,8 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
          cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto",
          retry_failed_export: bool = False, lock_stale_s: float = export_lock.STALE_AFTER_S,
          prefix_cache_bytes: int = 0) -> Loaded:
-    """Build the runner for `task` ("generate" or "classify") following BACKEND/DEVICE/PRECISION.
+    """Build the runner for `task` ("generate", "classify", or "embed": the embedding graph of a
+    language model's checkpoint) following BACKEND/DEVICE/PRECISION.
     `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
     is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up);
     `retry_failed_export` re-runs an export that failed before (`export_memory`); `lock_stale_s`:
@@ -396,7 +399,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                 raise
             reason = one_line(e)
             logger.warning("ONNX Runtime cannot serve %s %s, falling back to PyTorch: %s", task, checkpoint, reason)
-    from app.engine.torch_runner import TorchClassificationRunner, TorchGenerationRunner
+    from app.engine.torch_runner import TorchClassificationRunner, TorchEmbeddingRunner, TorchGenerationRunner
 
     if dev == "cuda":
         import torch
@@ -404,7 +407,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
         if not torch.cuda.is_available():
             raise RuntimeError("DEVICE=cuda but neither ONNX Runtime nor PyTorch can use a GPU here")
     memory_fit.check(checkpoint, memory_fit.serve_need(checkpoint), "serving it on PyTorch")
-    cls = TorchGenerationRunner if task == "generate" else TorchClassificationRunner
+    cls = {"generate": TorchGenerationRunner, "embed": TorchEmbeddingRunner}.get(task, TorchClassificationRunner)
     served_precision = precision if (precision == "fp16" and dev == "cuda") else "fp32"
     runner = cls(checkpoint, dev, precision, num_threads)
     return Loaded(runner, task, "torch", dev, served_precision, checkpoint, None, reason,

@@ -41,6 +41,7 @@ async def info(state: StateDep) -> dict[str, Any]:
         "ready": state.ready,
         "generation": engine.get("generation"),
         "classification": engine.get("classification"),
+        "embeddings": engine.get("embeddings"),  # /v1/embeddings: available, pooling, dimensions, backend
         "labels": engine.get("labels", []),
         "context_length": engine.get("context_length"),
         "chat_template": state.chat_template.origin if state.chat_template else None,
@@ -63,7 +64,7 @@ async def info(state: StateDep) -> dict[str, Any]:
                      "retry_failed_export": s.retry_failed_export, "cuda_graphs": s.cuda_graphs,
                      "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
                      "num_threads": s.num_threads, "auth": bool(s.api_key), "prefix_caching": s.prefix_caching,
-                     "prefix_cache_mb": s.prefix_cache_mb},
+                     "prefix_cache_mb": s.prefix_cache_mb, "embedding_pooling": s.embedding_pooling},
     }
 
 

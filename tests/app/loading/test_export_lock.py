@@ -186,8 +186,10 @@ def test_kill_9_during_the_first_export_kills_the_export_and_the_next_start_clea
     assert tmp_folders(cache) == []
 
 
-def exports_started(servers: list[Server]) -> int:
-    return sum(s.log_text().count("to the cache; first start only") for s in servers)
+def exports_started(servers: list[Server], task: str = "generate") -> int:
+    """Exports of `task`'s graph begun by these servers (each server exports the generation graph,
+    then the embedding graph of the same checkpoint, each under its own lock)."""
+    return sum(s.log_text().count(f"({task}, fp32) to the cache; first start only") for s in servers)
 
 
 @pytest.mark.slow
@@ -198,6 +200,7 @@ def test_three_replicas_on_one_empty_cache_export_once(tmp_path, tiny_lm_dir) ->
         for s in servers:
             wait_healthy(s, 300)
         assert exports_started(servers) == 1, [s.log_text()[-2000:] for s in servers]
+        assert exports_started(servers, "embed") == 1, [s.log_text()[-2000:] for s in servers]
         hits = sorted(httpx.get(s.url + "/info", timeout=10).json()["generation"]["export_cache_hit"] for s in servers)
         assert hits == [False, True, True]  # the other two used its export
         assert tmp_folders(cache) == []
