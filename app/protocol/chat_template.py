@@ -198,7 +198,7 @@ def _bounded(template: jinja2.Template, max_chars: int | None, **variables: Any)
     return "".join(pieces)
 
 
-def _special_tokens(folder: Path) -> dict[str, str]:
+def special_tokens(folder: Path) -> dict[str, str]:
     """bos/eos/unk/... as the checkpoint's tokenizer files name them; GPT-2's when none do."""
     found: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
@@ -226,7 +226,7 @@ def _named(value: Any) -> tuple[str | None, dict[str, str]]:
 def load_chat_template(setting: str | None, checkpoint: Path | None) -> ChatTemplate | None:
     """The chat template to serve, or None. A template that does not compile raises ValueError
     naming where it came from (the server refuses to start rather than fail every chat request)."""
-    special = _special_tokens(checkpoint) if checkpoint and checkpoint.is_dir() else dict(GPT2_SPECIAL_TOKENS)
+    special = special_tokens(checkpoint) if checkpoint and checkpoint.is_dir() else dict(GPT2_SPECIAL_TOKENS)
     source, origin, named = None, None, {}
     if setting:
         path = Path(setting).expanduser()

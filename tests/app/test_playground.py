@@ -115,6 +115,56 @@ def test_playground_streams_tokens_and_classifies(browser, keyed_server: Server)
     assert SCREENSHOT.stat().st_size > 10_000
 
 
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@needs_chromium
+def test_playground_sends_a_json_schema_as_tgis_grammar(browser, keyed_server: Server) -> None:
+    """The "JSON schema" box: a schema goes out as TGI's `parameters.grammar` ({"type": "json",
+    "value": schema}); one that does not parse, or is not an object, is an error on the page and
+    nothing is sent."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(keyed_server.url + "/")
+    key = d.find_element(By.ID, "api-key")
+    key.clear()
+    key.send_keys(API_KEY, Keys.TAB)
+    d.execute_script("""
+        window.sent = [];
+        const f = window.fetch;
+        window.fetch = (url, init) => {
+            if (url === '/generate_stream') window.sent.push(JSON.parse(init.body));
+            return f(url, init);
+        };""")
+    status, schema = d.find_element(By.ID, "gen-status"), d.find_element(By.ID, "json-schema")
+    n = d.find_element(By.ID, "max-new-tokens")
+    n.clear()
+    n.send_keys("16")
+    for text, error in (('{"type": "object",', "JSON schema: not valid JSON"), ("[1, 2]", "must be a JSON object")):
+        schema.clear()
+        schema.send_keys(text)
+        d.find_element(By.ID, "generate").click()
+        wait_for(d, lambda d, error=error: error in status.text)
+        assert "error" in status.get_attribute("class")
+    assert d.execute_script("return window.sent") == []  # nothing went out
+    schema.clear()
+    schema.send_keys(json.dumps(SCHEMA))
+    d.find_element(By.ID, "generate").click()
+    wait_for(d, lambda d: len(d.execute_script("return window.sent")) == 1)
+    assert d.execute_script("return window.sent")[0]["parameters"]["grammar"] == {"type": "json", "value": SCHEMA}
+    wait_for(d, lambda d: "finished:" in status.text)
+    generated = d.find_element(By.ID, "output").text[len(d.find_element(By.ID, "prompt").get_attribute("value")):]
+    assert "".join(generated.split()).startswith('{"city":"'), generated  # the server followed the schema
+    schema.clear()
+    d.find_element(By.ID, "generate").click()
+    wait_for(d, lambda d: "finished:" in status.text)
+    assert "grammar" not in d.execute_script("return window.sent")[-1]["parameters"]
+
+
 SCORING_SHOT = REPO / "docs" / "playground-scoring.png"
 SCORED_TEXT = ("Q: What is the difference between a duck? A: One of its legs is both the same. "
                "The best way to predict the future is to invent it.")

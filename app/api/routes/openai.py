@@ -61,8 +61,10 @@ def model_id(state: ServiceState) -> str:
 
 
 def _check(state: ServiceState, request: Request, body: SamplingFields) -> None:
-    """The model name, and vLLM's rule for fields in neither API: ignored, named in one WARNING line."""
-    if body.model is not None and body.model != model_id(state):
+    """The model name, and vLLM's rule for fields in neither API: ignored, named in one WARNING line.
+    Another model name is served by the one model (TGI's and llama.cpp's rule: the response names
+    the served model), or refused with 404 under STRICT_MODEL_NAME (vLLM's, for a router in front)."""
+    if body.model is not None and body.model != model_id(state) and state.settings.strict_model_name:
         raise NotFoundError(f"model: {body.model!r} is not served here; this server serves {model_id(state)!r}",
                             param="model")
     ignored = body.ignored_fields()
@@ -77,6 +79,14 @@ async def models(state: StateDep) -> ModelList:
     name = model_id(state)
     limit = state.engine.limits()["max_total_tokens"] if state.engine else None
     return ModelList(data=[ModelCard(id=name, created=int(state.started), root=name, max_model_len=limit)])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard, responses={k: ERRORS[k] for k in (401, 404, 503)})
+async def model_card(model: str, state: StateDep) -> ModelCard:
+    """The served model's card (the SDK's `models.retrieve`); another id is a 404 `model_not_found`."""
+    if model != model_id(state):
+        raise NotFoundError(f"model: {model!r} does not exist; this server serves {model_id(state)!r}", param="model")
+    return (await models(state)).data[0]
 
 
 async def _prepare(state: ServiceState, body: SamplingFields, prompts: list[str | list[int]], max_tokens: int | None,
@@ -170,8 +180,10 @@ def _completion_response(state: ServiceState, body: CompletionRequest, cid: str,
             offsets = text_offsets(tok, [t.id for t in f.tokens], len(echo), req.skip_special_tokens)
             items += zip(f.tokens, offsets, strict=True)
             logprobs = completion_logprobs(items)
+        token_ids = {"token_ids": [t.id for t in f.tokens], "prompt_token_ids": req.prompt_ids} \
+            if body.return_token_ids else {}
         choices.append(CompletionChoice(text=echo + text, index=i, logprobs=logprobs, finish_reason=reason,
-                                        stop_reason=f.stop_reason))
+                                        stop_reason=f.stop_reason, **token_ids))
     return CompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
                               usage=_usage(groups, finishes))
 
@@ -244,9 +256,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         content, reason = text_and_reason(f, bool(body.include_stop_str_in_output))
         choices.append(ChatChoice(index=i, message=ChatResponseMessage(content=echo + content), finish_reason=reason,
                                   logprobs=chat_logprobs(f.tokens, tok) if logprobs is not None else None,
-                                  stop_reason=f.stop_reason))
+                                  stop_reason=f.stop_reason,
+                                  token_ids=[t.id for t in f.tokens] if body.return_token_ids else None))
     return ChatCompletionResponse(id=cid, created=created, model=model_id(state), choices=choices,
-                                  usage=_usage(groups, finishes))
+                                  usage=_usage(groups, finishes),
+                                  prompt_token_ids=groups[0][0].prompt_ids if body.return_token_ids else None)
 
 
 async def _all_or_none(coros: list) -> list[Finish]:
@@ -285,6 +299,7 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
     include_stop = bool(body.include_stop_str_in_output)
     hold = 0 if include_stop else max((len(s) for s in body.stops), default=1) - 1
     include_usage, continuous = body.include_usage, body.continuous_usage
+    chat, return_ids = obj == "chat.completion.chunk", bool(body.return_token_ids)
 
     async def pump(i: int, req: GenerationRequest) -> None:
         tracker = Tracker(state, request, req)
@@ -292,6 +307,8 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
             async for ev in state.engine.generate_stream(req):
                 if ev.token is not None:  # None: the one event of a score-only request
                     tracker.token()
+                if ev.finish is not None:  # the access log's finish_reason, as the non-streamed path
+                    tracker.finish(ev.finish)
                 await queue.put((i, ev))
         except Exception as e:
             await queue.put((i, e))
@@ -301,9 +318,15 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
 
     def chunk(i: int, text: str, reason: str | None, stop_reason: Any = None,
               items: list[tuple[PromptToken | Token, int]] | None = None) -> str:
-        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": name,
-                               "choices": [choice(i, text, reason, stop_reason, not started[i],
-                                                  (items or []) if logprobs else None)]}
+        c = choice(i, text, reason, stop_reason, not started[i], (items or []) if logprobs else None)
+        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": name, "choices": [c]}
+        if return_ids:  # vLLM's: the ids of the tokens whose text the chunk carries, the prompt's in the first
+            if not chat or started[i]:
+                c["token_ids"] = [t.id for t, _ in items or () if isinstance(t, Token)]
+            if not started[i] and not chat:
+                c["prompt_token_ids"] = reqs[i].prompt_ids
+            elif chat and not any(started):  # one prompt for every choice: on the stream's first chunk
+                out["prompt_token_ids"] = reqs[i].prompt_ids
         started[i] = True
         if include_usage:
             out["usage"] = None
@@ -319,7 +342,7 @@ async def _stream(state: ServiceState, request: Request, body: SamplingFields, g
     waiting = [StreamedTokens() for _ in reqs]  # generated tokens whose text is not sent yet
     done = 0
     try:
-        roles = obj == "chat.completion.chunk"
+        roles = chat
         while done < len(reqs):
             i, ev = await queue.get()
             if roles:  # the role first, as OpenAI and vLLM send it, but once the prompt is processed:

@@ -1,15 +1,20 @@
-"""`/tokenize`: the generation model's tokens with character offsets."""
+"""`/tokenize`: the generation model's tokens with character offsets; `/tokenizer_info`: its
+tokenizer's configuration, as vLLM serves it."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 from fastapi import Response
 
 from app.api.deps import StateDep
 from app.api.routes.generate import ERRORS
+from app.api.routes.openai import model_id
 from app.api.routing import api_router
 from app.core.errors import UnavailableError
 from app.engine.engine import INLINE_TOKENIZE_CHARS
+from app.protocol.tokenizer_info import tokenizer_info
 from app.schemas import TokenizeRequest, TokenSpan
 from model.tokenizer import GPT2Tokenizer
 
@@ -45,3 +50,15 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> Response:
     finally:
         state.release()
     return Response(content, media_type="application/json")
+
+
+@router.get("/tokenizer_info", responses={k: ERRORS[k] for k in (401, 500, 503)})
+async def get_tokenizer_info(state: StateDep) -> dict[str, Any]:
+    """vLLM's `/tokenizer_info`: the tokenizer's configuration (tokenizer_config.json's fields,
+    `tokenizer_class`, the special tokens) and the served `chat_template`."""
+    state.check_ready()
+    tok = state.engine.tokenizer
+    if tok is None:
+        raise UnavailableError("no generation model is loaded")
+    template = state.chat_template.template.source if state.chat_template is not None else None
+    return tokenizer_info(state.settings.model_path, model_id(state), tok, template)
