@@ -58,6 +58,8 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         cuda_graphs=s.cuda_graphs, retry_failed_export=s.retry_failed_export,
         export_lock_stale_s=s.export_lock_stale_seconds, prefix_cache_bytes=s.prefix_cache_bytes,
         embedding_pooling=None if s.embedding_pooling == "off" else s.embedding_pooling,
+        speculation=s.speculation, speculation_max_tokens=s.speculation_max_tokens,
+        speculation_ngram=s.speculation_ngram,
     )
     engine.start()
     return engine
@@ -99,6 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         engine.scheduler.on_step = on_step
         m.watch_prefix_cache(engine.prefix_stats)
+        m.watch_speculation(engine.speculation_stats)
         on_step({"queue": 0, "batch": 0, "kv_bytes": engine.kv_bytes()})
         state.engine, state.ready = engine, True
         info = engine.info()

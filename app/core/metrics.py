@@ -42,6 +42,10 @@ class Metrics:
         prefix_cache_queries / prefix_cache_hits (prompt tokens), and its memory against the budget."""
         self.registry.register(_PrefixCacheCollector(read))
 
+    def watch_speculation(self, read: Callable[[], dict[str, int] | None]) -> None:
+        """Export speculative decoding's counters (`Engine.speculation_stats`)."""
+        self.registry.register(_SpeculationCollector(read))
+
 
 class _PrefixCacheCollector(Collector):
     def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
@@ -60,3 +64,21 @@ class _PrefixCacheCollector(Collector):
         yield GaugeMetricFamily("gpt2_prefix_cache_bytes", "prefix cache memory in use", value=st["bytes_in_use"])
         yield GaugeMetricFamily("gpt2_prefix_cache_budget_bytes", "prefix cache budget (PREFIX_CACHE_MB)",
                                 value=st["budget_bytes"])
+
+
+class _SpeculationCollector(Collector):
+    """vLLM's spec_decode counters: draft tokens proposed and accepted (read at each scrape)."""
+
+    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.read()
+        if st is None:
+            return
+        yield CounterMetricFamily("gpt2_spec_decode_num_draft_tokens", "tokens proposed by speculation and verified",
+                                  value=st["proposed_tokens"])
+        yield CounterMetricFamily("gpt2_spec_decode_num_accepted_tokens", "proposed tokens the model accepted",
+                                  value=st["accepted_tokens"])
+        yield CounterMetricFamily("gpt2_spec_decode_num_steps", "decode steps that verified proposals",
+                                  value=st["steps"])

@@ -28,6 +28,7 @@ from app.engine.prefix_cache import BLOCK_TOKENS
 from app.engine.runner import Loaded
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, Scheduler, StreamEvent
+from app.engine.speculation import Speculator
 from model.tokenizer import GPT2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,21 @@ class Engine:
                  max_total_tokens: int | None = None, prefill_chunk_tokens: int = 64,
                  max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
                  score_chunk_tokens: int = 128, embedding: Loaded | None = None,
-                 embedding_pooling: str = "last") -> None:
+                 embedding_pooling: str = "last", speculation: str = "off", speculation_max_tokens: int = 4,
+                 speculation_ngram: int = 3) -> None:
         self.generation = generation
+        # SPECULATION=ngram: prompt-lookup proposals verified in the decode step, where the runner can
+        self.speculation = speculation
+        self.speculation_off_reason: str | None = None
+        speculator = None
+        if speculation == "ngram" and generation is not None:
+            self.speculation_off_reason = generation.runner.speculation_off_reason
+            if self.speculation_off_reason is None:
+                speculator = Speculator(speculation_max_tokens, speculation_ngram,
+                                        generation.runner.verify_max_rows)
+            else:
+                logger.warning("SPECULATION=ngram is off: %s", self.speculation_off_reason)
+        self.speculator = speculator
         # /v1/embeddings: the embedding graph of the generation checkpoint, pooled (`app.engine.pooling`)
         # in calls of at most MAX_BATCH_PREFILL_TOKENS padded tokens, on the scheduler's worker thread.
         self.embedding, self.embedding_pooling = embedding, embedding_pooling
@@ -122,6 +136,7 @@ class Engine:
             eos_token_id=self.tokenizer.eos_token_id if self.tokenizer else None,
             prefill_chunk_tokens=prefill_chunk_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             waiting_served_ratio=waiting_served_ratio, score_chunk_tokens=score_chunk_tokens,
+            speculator=speculator,
         )
         # Every request awaiting the scheduler (queued, prefilling, decoding, classifying), by a
         # key of its own: how `shutdown` fails them. Touched from the event loop and the drain thread.
@@ -464,6 +479,20 @@ class Engine:
             out |= {"block_tokens": runner.prefix.B, **stats}
         return out
 
+    def speculation_stats(self) -> dict[str, int] | None:
+        """Speculative decoding's counters (read from any thread); None when it is off."""
+        if self.speculator is None:
+            return None
+        st = self.speculator.stats
+        return {"proposed_tokens": st.proposed, "accepted_tokens": st.accepted, "steps": st.steps}
+
+    def speculation_info(self) -> dict[str, Any]:
+        """/info's `speculation`: the setting, whether it runs (and why not), its numbers."""
+        if self.speculator is not None:
+            return {"enabled": True, **self.speculator.info()}
+        return {"enabled": False, "mode": self.speculation, "reason": self.speculation_off_reason
+                or ("SPECULATION is off" if self.speculation == "off" else None)}
+
     def info(self) -> dict[str, Any]:
         def one(lo: Loaded | None) -> dict[str, Any] | None:
             if lo is None:
@@ -476,6 +505,7 @@ class Engine:
                 out["prefix_caching"] = self.prefix_info()
                 out["structured_outputs"] = {"engine": llguidance_version(), "compiled": self.grammars.compiled,
                                              "cached": self.grammars.cache_size}
+                out["speculation"] = self.speculation_info()
             if hasattr(lo.runner, "graphs_mode"):  # the fixed-buffer CUDA runner
                 r = lo.runner
                 out["cuda_graphs"] = {"setting": r.graphs_mode, "enabled": r.graphs_on,

@@ -105,6 +105,28 @@ class Selected:
     prompt: list[PromptScores | None] | None = None  # per row, for the rows `want.score` named
 
 
+@dataclass
+class Verified:
+    """A verify call's result (speculative decoding): row b's fed tokens are its last `fed[b]`
+    positions of the K kept, so its position j (the distribution after its j-th fed token) is
+    column K - fed[b] + j; the last column is each row's next-token distribution, with its
+    temperature, and `logits` are the raw logits there."""
+
+    top_ids: np.ndarray  # (n, K, N) int64
+    top_logprobs: np.ndarray  # (n, K, N) float32
+    fed: np.ndarray  # (n,) int64
+    logits: np.ndarray | None = None  # (n, V)
+
+    def last(self) -> Selected:
+        """The next-token selection at each row's last fed token (a plain step's result)."""
+        return Selected(self.top_ids[:, -1], self.top_logprobs[:, -1], self.logits)
+
+    def at(self, row: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, log-probabilities) (N,) of row `row`'s distribution after its j-th fed token."""
+        col = self.top_ids.shape[1] - int(self.fed[row]) + j
+        return self.top_ids[row, col], self.top_logprobs[row, col]
+
+
 def select_inputs(first: np.ndarray, last: np.ndarray, width: int, want: Want,
                   prompts: Sequence[Sequence[int]] | None = None, starts: Sequence[int] | None = None,
                   ) -> dict[str, np.ndarray]:
@@ -205,6 +227,20 @@ class GenerationRunner(ABC):
     @abstractmethod
     def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
         """Feed one token per row; returns the next-token selection of every row."""
+
+    # Speculative decoding (`app.engine.speculation`): None when this runner can verify proposals.
+    verify_max_rows: int = 0  # rows a verify call takes
+    speculation_off_reason: str | None = "not supported by this runner (only the CPU GroupQueryAttention runner " \
+                                         "verifies proposals)"
+
+    def verify(self, tokens: Sequence[Sequence[int]], want: Want) -> Verified:
+        """Feed each row its tokens (its last token, then its proposals; at least one), all kept in
+        the cache until `rewind`; returns the selection at every fed position."""
+        raise NotImplementedError(self.speculation_off_reason)
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        """After `verify`: each row keeps the first `keep[b]` of the tokens it was fed."""
+        raise NotImplementedError(self.speculation_off_reason)
 
     @abstractmethod
     def drop(self, rows: Sequence[int]) -> np.ndarray:

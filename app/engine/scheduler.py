@@ -45,6 +45,7 @@ from app.engine.batch_jobs import BatchJobs, Job
 from app.engine.grammar import Constraint, Grammar, prefetch
 from app.engine.runner import ClassificationRunner, GenerationRunner, PendingPrefill, PromptScores, Selected, Want
 from app.engine.sampling import Sampler, SamplingParams
+from app.engine.speculation import Speculator
 from model.tokenizer import GPT2Tokenizer, IncrementalDecoder
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,13 @@ class _Seq:
             complete = self.constraint.done and token_id != self.eos_id
         self.accept(token_id, logprob, self.top_tokens(ids, lps, self.req.logprobs or 0), complete)
 
+    def choose_top(self, ids: np.ndarray, lps: np.ndarray) -> int:
+        """Pick and accept this row's next token from one position's top-N (a row that does not
+        need the logits: speculative decoding's verified positions); returns it."""
+        token_id, logprob = self.sampler.from_top(ids, lps)
+        self.accept(token_id, logprob, self.top_tokens(ids, lps, self.req.logprobs or 0))
+        return token_id
+
     def scored_prompt(self, scores: PromptScores | None) -> list[PromptToken]:
         """The prompt's tokens with their log-probabilities (the first has none), as asked."""
         ids, k = self.req.prompt_ids, self.req.prompt_logprobs or 0
@@ -260,8 +268,9 @@ class Scheduler:
                  max_batch_total_tokens: int = 16384, eos_token_id: int | None = None,
                  on_step: Callable[[dict[str, float]], None] | None = None, prefill_chunk_tokens: int = 64,
                  max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
-                 score_chunk_tokens: int = 128) -> None:
+                 score_chunk_tokens: int = 128, speculator: Speculator | None = None) -> None:
         self.runner = runner
+        self.speculator = speculator  # prompt-lookup proposals verified in the decode step (speculation.py)
         self.tokenizer = tokenizer
         self.classifier = classifier
         self.max_batch_size = max_batch_size
@@ -430,8 +439,7 @@ class Scheduler:
         self._drop(lambda s: s.finished or s.cancelled)  # a score-only request ends at its prefill
         if self._active:
             prefetch([s.constraint for s in self._active if s.constraint is not None])  # during the step
-            sel = self.runner.step([s.last_token for s in self._active], self._want(self._active))
-            self._accept(self._active, sel)
+            self._decode(self._active)
             self._drop(lambda s: s.finished or s.cancelled)
         if self.on_step:
             self.on_step({"seconds": time.perf_counter() - t0, "batch": len(self._active), "admitted": new,
@@ -520,6 +528,16 @@ class Scheduler:
             s.start(sel.prompt[i] if sel.prompt else None)
         self._accept(seqs, sel)
         return len(seqs)
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        """One decode step: each row's last token, and with speculation its proposals, verified in
+        the same call (`speculation`): a row then makes from one to 1 + its proposals tokens."""
+        plan = self.speculator.plan(seqs) if self.speculator is not None else None
+        if plan is None:
+            self._accept(seqs, self.runner.step([s.last_token for s in seqs], self._want(seqs)))
+            return
+        out = self.runner.verify([[s.last_token, *p] for s, p in zip(seqs, plan, strict=True)], self._want(seqs))
+        self.runner.rewind(self.speculator.accept(seqs, plan, out))
 
     def _accept(self, seqs: list[_Seq], sel: Selected) -> None:
         """Each row's next token, from the runner's selection."""

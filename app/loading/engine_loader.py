@@ -20,7 +20,8 @@ def load_engine(model_path: Path | None, classifier_path: Path | None = None, ba
                 max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
                 score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False,
                 export_lock_stale_s: float = 30.0, prefix_cache_bytes: int = 0,
-                embedding_pooling: str | None = None) -> Engine:
+                embedding_pooling: str | None = None, speculation: str = "off", speculation_max_tokens: int = 4,
+                speculation_ngram: int = 3) -> Engine:
     """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export.
     `prefix_cache_bytes`: the generation runner's prefix cache budget (0: off). `embedding_pooling`
     ("last" or "mean"): also load the embedding graph of `model_path` (`/v1/embeddings`); None: not."""
@@ -32,4 +33,5 @@ def load_engine(model_path: Path | None, classifier_path: Path | None = None, ba
     emb = load("embed", model_path, **kw) if model_path and embedding_pooling else None
     return Engine(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
                   prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens,
-                  embedding=emb, embedding_pooling=embedding_pooling or "last")
+                  embedding=emb, embedding_pooling=embedding_pooling or "last", speculation=speculation,
+                  speculation_max_tokens=speculation_max_tokens, speculation_ngram=speculation_ngram)

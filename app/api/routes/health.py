@@ -64,7 +64,9 @@ async def info(state: StateDep) -> dict[str, Any]:
                      "retry_failed_export": s.retry_failed_export, "cuda_graphs": s.cuda_graphs,
                      "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
                      "num_threads": s.num_threads, "auth": bool(s.api_key), "prefix_caching": s.prefix_caching,
-                     "prefix_cache_mb": s.prefix_cache_mb, "embedding_pooling": s.embedding_pooling},
+                     "prefix_cache_mb": s.prefix_cache_mb, "embedding_pooling": s.embedding_pooling,
+                     "speculation": s.speculation, "speculation_max_tokens": s.speculation_max_tokens,
+                     "speculation_ngram": s.speculation_ngram},
     }
 
 

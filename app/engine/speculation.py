@@ -1,0 +1,197 @@
+"""Speculative decoding by prompt lookup (n-gram): propose, verify in one call, keep what agrees.
+
+A row's proposal is the tokens that followed the last earlier occurrence of its latest n-gram in
+its prompt and output (vLLM's `ngram`, TGI's n-gram speculation): no extra model, no memory. A
+decode step with proposals feeds each row its last token and its proposals in one runner call
+(`GenerationRunner.verify`), which returns the top-N at every one of those positions. Then, row by
+row, position by position, the row's own sampler chooses a token from that position's top-N,
+exactly as a plain step would: if it equals the next proposal, it is accepted and the next
+position is read; otherwise it is the row's last token of this step. When every proposal agrees,
+the last position gives one more token. The cache keeps the fed tokens that were accepted
+(`GenerationRunner.rewind`).
+
+Why this is exact: a proposal is deterministic (q = 1 on the proposed token), and the standard
+rejection scheme with such a q (accept d with probability min(1, p(d)/q(d)) = p(d); on rejection
+draw from max(0, p - q) normalized, which is p without d) is the same as drawing x ~ p and
+accepting d when x == d. That draw is the one the row's sampler would have made at that step
+without speculation, from the same random stream, so greedy output is token for token the same,
+and a seeded request draws the same numbers in the same order.
+
+Which rows speculate: those that choose from the runner's top-N at temperature 1 (greedy, and
+top-k sampling at temperature 1 with no other processor; `Sampler.needs_logits` False). The
+graph returns the full logits and the temperature only at a row's last position, so a row that
+needs them decodes plainly in the same batch (its proposal is empty). Constrained rows need the
+logits too, so they decode plainly.
+
+It never costs much: a row's proposal length adapts to how much of its proposals it accepted
+(an exponential average): it drops to none while little agrees, and a row with none tries one
+proposal again every `PROBE_EVERY` steps. A step speculates only while the batch has at most the
+runner's `verify_max_rows` rows: ONNX Runtime's CPU GroupQueryAttention refuses a call of several
+tokens per row over a cache for more than one row ("batch_size must be 1 when sequence_length > 1
+and past context is given"), and a verify call per row would read the weights once per row where
+a plain step reads them once for the batch. So speculation serves the case it helps most, a
+stream alone (decode bound by reading the weights), and a busy batch decodes as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.engine.runner import Verified
+
+logger = logging.getLogger(__name__)
+
+PROBE_EVERY = 8  # a row whose proposals stopped tries one again after this many plain steps
+EMA = 0.5  # weight of the newest step in a row's acceptance average
+
+
+def ngram_proposal(history: Sequence[int] | np.ndarray, n_max: int, k: int, n_min: int = 1) -> list[int]:
+    """`k` tokens that followed the last earlier occurrence of `history`'s latest n-gram, the
+    longest n from `n_max` down to `n_min` that occurs; [] when none does. Where the history ends
+    before `k` tokens, the copy goes on over what it proposed (as an LZ77 copy overlaps itself): a
+    loop of period p matches p tokens back and is proposed as going on, not cut at p tokens.
+
+    One pass over the history per step (it runs for every speculating row at every step): the
+    positions holding the last token, then, among those few, how far back each match reaches."""
+    seq = np.asarray(history)
+    L = len(seq)
+    if k <= 0 or L < 2:
+        return []
+    ends = np.flatnonzero(seq[:-1] == seq[-1])  # where an earlier 1-gram match ends
+    if ends.size == 0:
+        return []
+    length = np.ones(ends.size, np.int64)
+    alive = np.ones(ends.size, bool)
+    for j in range(1, min(n_max, L - 1)):  # extend each match one token further back
+        prev = ends - j
+        alive &= (prev >= 0) & (seq[np.maximum(prev, 0)] == seq[L - 1 - j])
+        length += alive
+    best = int(length.max())
+    if best < n_min:
+        return []
+    start = int(ends[np.flatnonzero(length == best)[-1]]) + 1  # the latest of the longest
+    ext = seq[start:start + k].tolist()
+    while len(ext) < k:  # past the history's end: the copy continues over itself
+        ext.append(ext[len(ext) - (L - start)])
+    return ext
+
+
+@dataclass
+class RowState:
+    """A row's speculation: its acceptance average and how many plain steps since it stopped."""
+
+    seq: Any  # the scheduler's row
+    history: np.ndarray  # its prompt and output so far, in a buffer that doubles (`size` used)
+    size: int
+    accept: float = 1.0  # the average share of proposals accepted (optimistic at first)
+    idle: int = 0
+
+    def catch_up(self) -> np.ndarray:
+        """The history with the row's new tokens appended."""
+        tokens, done = self.seq.tokens, self.size - len(self.seq.req.prompt_ids)
+        if len(tokens) > done:
+            new = [t.id for t in tokens[done:]]
+            if self.size + len(new) > len(self.history):
+                self.history = np.concatenate([self.history, np.zeros(len(self.history) + len(new), np.int64)])
+            self.history[self.size:self.size + len(new)] = new
+            self.size += len(new)
+        return self.history[:self.size]
+
+
+@dataclass
+class Stats:
+    proposed: int = 0  # proposal tokens fed to a verify call
+    accepted: int = 0  # of those, accepted
+    steps: int = 0  # speculative decode steps
+
+
+class Speculator:
+    """Decides each step's proposals, and turns a verify call's top-N into accepted tokens."""
+
+    def __init__(self, max_tokens: int = 4, ngram: int = 3, max_rows: int = 1) -> None:
+        if max_tokens < 1 or ngram < 1:
+            raise ValueError("SPECULATION_MAX_TOKENS and SPECULATION_NGRAM must be at least 1")
+        self.max_tokens = max_tokens
+        self.ngram = ngram
+        self.max_rows = max_rows  # the runner's verify_max_rows
+        self.stats = Stats()
+        self._rows: dict[int, RowState] = {}  # by id(_Seq)
+
+    def info(self) -> dict[str, Any]:
+        return {"mode": "ngram", "max_tokens": self.max_tokens, "ngram": self.ngram, "max_rows": self.max_rows,
+                "proposed_tokens": self.stats.proposed, "accepted_tokens": self.stats.accepted}
+
+    def _state(self, seq: Any) -> RowState:
+        st = self._rows.get(id(seq))
+        if st is None or st.seq is not seq:
+            st = self._rows[id(seq)] = RowState(seq, np.asarray(seq.req.prompt_ids, np.int64),
+                                                len(seq.req.prompt_ids))
+        return st
+
+    def _k(self, seq: Any, st: RowState) -> int:
+        """This step's proposal length for a row: by its acceptance, its token budget and the context."""
+        left = min(seq.req.max_new_tokens - len(seq.tokens), seq.context_limit - len(seq.req.prompt_ids)
+                   - len(seq.tokens)) - 1  # the step makes at least one token beyond the proposals
+        if left <= 0 or not _eligible(seq):
+            return 0
+        if st.accept < 0.25:
+            st.idle += 1
+            if st.idle < PROBE_EVERY:
+                return 0
+            st.idle = 0
+            return 1
+        return min(left, max(1, round(self.max_tokens * st.accept)))
+
+    def plan(self, seqs: Sequence[Any]) -> list[list[int]] | None:
+        """Each row's proposal for this step, or None for a plain step (no row proposes, or the
+        batch has more rows than a verify call takes)."""
+        if len(seqs) > self.max_rows:
+            return None
+        self._rows = {id(s): st for s in seqs if (st := self._rows.get(id(s))) is not None and st.seq is s}
+        proposals = []
+        for s in seqs:
+            st = self._state(s)
+            k = self._k(s, st)
+            proposals.append(ngram_proposal(st.catch_up(), self.ngram, k) if k else [])
+        return proposals if any(proposals) else None
+
+    def accept(self, seqs: Sequence[Any], proposals: list[list[int]], out: Verified) -> list[int]:
+        """Row by row, the tokens of a verify call. A row without proposals chooses as in a plain
+        step (`choose`: from the top-N or the logits of its one position); a row with proposals
+        chooses at each position from its top-N (`choose_top`, the same draw) until a choice
+        differs from the proposal. Returns how many of each row's fed tokens stay in the cache."""
+        keep = []
+        plain = out.last()
+        for b, (s, prop) in enumerate(zip(seqs, proposals, strict=True)):
+            if s.finished:
+                keep.append(1)
+                continue
+            if not prop:
+                s.choose(plain, b)
+                keep.append(1)
+                continue
+            j = 0
+            while True:
+                token = s.choose_top(*out.at(b, j))
+                if s.finished or j == len(prop) or token != prop[j]:
+                    break
+                j += 1
+            keep.append(j + 1)  # the row's last token and the j proposals it accepted
+            st = self._state(s)
+            st.accept = (1 - EMA) * st.accept + EMA * (j / len(prop))
+            st.idle = 0
+            self.stats.proposed += len(prop)
+            self.stats.accepted += j
+        self.stats.steps += 1
+        return keep
+
+
+def _eligible(seq: Any) -> bool:
+    """Rows that choose from the runner's top-N at temperature 1 (see the module's docstring)."""
+    sampler = seq.sampler
+    return not sampler.needs_logits and sampler.temperature == 1.0 and seq.constraint is None

@@ -1,0 +1,165 @@
+"""Speculative decoding by prompt lookup (issue 31): tokens/s with SPECULATION=ngram against off.
+
+    python -m bench.speculation [--rounds 3] [--size medium] [--out FILE]
+    python -m bench.speculation --quick     # smoke run on the tiny demo model, 1 round
+
+Each round starts two servers in turn, `SPECULATION=off` and `SPECULATION=ngram` (the order
+alternates by round), on a GPT-2-shaped checkpoint with random weights (medium, 355M, by default;
+fp32, ONNX Runtime, NUM_THREADS=2), and runs on each:
+  repeat    one greedy stream (`ignore_eos`, a 32-token random prompt, 128 new tokens): greedy
+            decoding of a model falls into loops of its own, which prompt lookup proposes.
+            Target: >= 1.6x tokens/s.
+  nomatch   one stream that repeats little: top-k 40 sampling at temperature 1 (seeded; such a row
+            speculates) from a random prompt, 128 new tokens. With random weights greedy output
+            always loops, so a stream whose n-grams rarely recur is a sampled one. Target: >= 0.95x.
+  streams   32 greedy streams at once (64 new tokens each): tokens / wall. Target: >= 0.95x.
+and reads `/metrics`' proposed and accepted tokens. Output: a markdown table with medians and ranges
+over rounds, the CPU's model name and flags, and the JSON record (default
+bench/results/speculation.json; --quick: only with --out). The cores must be otherwise idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.anchors import CACHE, REPO, THREADS
+from bench.prefix import DEMO_LM, _commit, _mr, _ratio, lscpu, rand_ids
+from bench.server_bench import _start, _stop
+from bench.sizes import LABELS, build_checkpoint
+from bench.targets import free_port
+
+logger = logging.getLogger("bench.speculation")
+WORK = CACHE / "speculation-run"
+PROMPT, NEW, STREAMS, STREAM_NEW, REPEATS = 32, 128, 32, 64, 2
+
+
+@contextlib.contextmanager
+def serve(ckpt: Path, speculation: str) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"MODEL_PATH": str(ckpt), "CLASSIFIER_PATH": "", "ONNX_CACHE_DIR": str(CACHE / "anchors-run" / "onnx"),
+           "HOST": "127.0.0.1", "PORT": str(port), "NUM_THREADS": str(THREADS), "PRECISION": "fp32",
+           "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_REQUESTS": "256", "MAX_BATCH_SIZE": "32",
+           "EMBEDDING_POOLING": "off", "SPECULATION": speculation}
+    proc = _start([sys.executable, "-m", "app"], env, url, WORK / f"server_{speculation}.log", cwd=REPO)
+    try:
+        yield url
+    finally:
+        _stop(proc)
+
+
+async def one(c: httpx.AsyncClient, ids: list[int], new: int, sampled: int | None = None) -> tuple[float, int]:
+    """(seconds, completion tokens) of one non-streamed completion."""
+    body: dict[str, Any] = {"prompt": ids, "max_tokens": new, "ignore_eos": True, "temperature": 0}
+    if sampled is not None:
+        body |= {"temperature": 1.0, "top_k": 40, "seed": sampled}
+    t = time.perf_counter()
+    r = await c.post("/v1/completions", json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+    return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
+
+
+def spec_counters(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=30, trust_env=False).text
+    out = {}
+    for name in ("num_draft_tokens", "num_accepted_tokens"):
+        m = re.search(rf"^gpt2_spec_decode_{name}_total (\S+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def run(url: str, rnd: int) -> dict[str, float]:
+    async def go() -> dict[str, float]:
+        async with httpx.AsyncClient(base_url=url, timeout=900, trust_env=False,
+                                     limits=httpx.Limits(max_connections=64)) as c:
+            await one(c, rand_ids(PROMPT, 9, rnd), 8)  # warm-up
+            res: dict[str, list[float]] = {"repeat": [], "nomatch": []}
+            for k in range(REPEATS):
+                s, n = await one(c, rand_ids(PROMPT, 1, rnd, k), NEW)
+                res["repeat"].append(n / s)
+                s, n = await one(c, rand_ids(PROMPT, 2, rnd, k), NEW, sampled=1000 * rnd + k)
+                res["nomatch"].append(n / s)
+            t = time.perf_counter()
+            done = await asyncio.gather(*(one(c, rand_ids(PROMPT, 3, rnd, i), STREAM_NEW) for i in range(STREAMS)))
+            streams = sum(n for _, n in done) / (time.perf_counter() - t)
+        return {"repeat_tok_s": statistics.median(res["repeat"]), "nomatch_tok_s": statistics.median(res["nomatch"]),
+                "streams_tok_s": streams}
+    out = asyncio.run(go())
+    return out | spec_counters(url)
+
+
+def report(record: dict[str, Any]) -> str:
+    cpu = record["cpu"]
+    rounds = record["rounds"]
+    lines = [f"Command: `{record['command']}`  ",
+             f"Machine: {cpu['model_name']} (lscpu), {cpu['cpus']} CPUs; flags: {', '.join(cpu['flags']) or 'none'}; "
+             f"{record['time']}; commit `{record['commit']}`  ",
+             f"Checkpoint: {record['checkpoint_label']}, fp32, ONNX Runtime, {THREADS} threads; {len(rounds)} "
+             "round(s), the two servers in alternating order; medians (range over rounds); ratio: of the medians "
+             "(per-round range).", "",
+             "| workload | SPECULATION=off | SPECULATION=ngram | ratio | target |", "| --- | --- | --- | --- | --- |"]
+    for key, label, target in (("repeat_tok_s", "one greedy stream, its output looping, tokens/s", 1.6),
+                               ("nomatch_tok_s", "one top-k sampled stream (little repeats), tokens/s", 0.95),
+                               ("streams_tok_s", f"{STREAMS} greedy streams, tokens/s", 0.95)):
+        off = [r["off"][key] for r in rounds]
+        on = [r["ngram"][key] for r in rounds]
+        ratio, verdict = _ratio(on, off, target, higher=True)
+        lines.append(f"| {label} | {_mr(off)} | {_mr(on)} | {ratio} | {verdict} |")
+    proposed = sum(r["ngram"]["num_draft_tokens"] for r in rounds)
+    accepted = sum(r["ngram"]["num_accepted_tokens"] for r in rounds)
+    if proposed:
+        lines += ["", f"- proposals over all rounds (`/metrics`): {proposed:,.0f} tokens proposed, {accepted:,.0f} "
+                      f"accepted ({accepted / proposed:.0%})."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.speculation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick: 1)")
+    p.add_argument("--size", default="medium", choices=sorted(LABELS), help="the random checkpoint's shape")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny demo model, 1 round")
+    p.add_argument("--out", type=Path, default=None, help="JSON record (default bench/results/speculation.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        ckpt, label = DEMO_LM, "model/demo/lm (tiny demo model, --quick)"
+    else:
+        ckpt = build_checkpoint(args.size, CACHE / "checkpoints")
+        label = f"GPT-2 {LABELS[args.size]} shape ({args.size}), random weights"
+    rounds = []
+    for rnd in range(args.rounds or (1 if args.quick else 3)):
+        res = {}
+        for mode in (("off", "ngram") if rnd % 2 == 0 else ("ngram", "off")):
+            with serve(ckpt, mode) as url:
+                res[mode] = run(url, rnd)
+            logger.info("round %d %s: %s", rnd + 1, mode, res[mode])
+        rounds.append(res)
+    record = {"command": "python -m bench.speculation " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "cpu": lscpu(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
+              "checkpoint_label": label, "rounds": rounds}
+    out = args.out or (None if args.quick else REPO / "bench" / "results" / "speculation.json")
+    if out:
+        out.write_text(json.dumps(record, indent=1))
+    print(report(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Speculative decoding by prompt lookup: the proposals, and exactness on the real ONNX Runtime
+slot runner against transformers and against the same engine without speculation."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from scipy import stats
+
+from app.engine.sampling import SamplingParams
+from app.engine.speculation import ngram_proposal
+from app.loading.engine_loader import load_engine
+
+# Prompts whose continuation repeats them (a list, a loop) and one where little repeats.
+PROMPTS = ["one two three four one two three four one two three", "a b c a b c a b c a b",
+           "The weather is nice today and the weather is", "Zebras quietly juggle purple violins near Oslo"]
+
+
+def test_ngram_proposal_follows_the_last_occurrence_of_the_longest_ngram() -> None:
+    h = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert ngram_proposal(h, 3, 2) == [7, 8]  # the last earlier [1, 2, 3] is followed by 7, 8
+    assert ngram_proposal(h, 3, 10) == [7, 8, 5, 1, 2, 3, 7, 8, 5, 1]  # past the end: the copy goes on
+    assert ngram_proposal([6, 6, 6], 3, 4) == [6, 6, 6, 6]  # a loop of period 1, proposed going on
+    assert ngram_proposal([4, 5, 6, 5], 3, 2) == [6, 5]  # no 3- or 2-gram repeats: the 1-gram [5]
+    assert ngram_proposal([4, 5, 6, 5], 3, 2, n_min=2) == []
+    assert ngram_proposal([1, 2, 3], 3, 4) == [] and ngram_proposal(h, 3, 0) == []
+
+
+def make_engine(tiny_lm_dir: Path, onnx_cache: Path, speculation: str, **kw):  # noqa: ANN201
+    eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
+                      speculation=speculation, speculation_max_tokens=4, speculation_ngram=3, **kw)
+    eng.start()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_lm_dir: Path, onnx_cache: Path):  # noqa: ANN201
+    on, off = make_engine(tiny_lm_dir, onnx_cache, "ngram"), make_engine(tiny_lm_dir, onnx_cache, "off")
+    yield on, off
+    on.stop()
+    off.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tiny_lm_dir: Path):  # noqa: ANN201
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_lm_dir).eval()
+
+
+def generate_all(engine, requests: list[tuple]) -> list:  # noqa: ANN001
+    """Run (prompt, max_new_tokens, params, stop, logprobs) requests concurrently in one batch."""
+    async def go() -> list:
+        return await asyncio.gather(*(engine.generate(engine.prepare(p, n, params, stop, logprobs))
+                                      for p, n, params, stop, logprobs in requests))
+    return asyncio.run(go())
+
+
+def test_info_and_counters(engines) -> None:  # noqa: ANN001
+    on, off = engines
+    assert on.info()["generation"]["speculation"] | {"proposed_tokens": 0, "accepted_tokens": 0} == {
+        "enabled": True, "mode": "ngram", "max_tokens": 4, "ngram": 3, "max_rows": 1, "proposed_tokens": 0,
+        "accepted_tokens": 0}
+    assert off.info()["generation"]["speculation"] == {"enabled": False, "mode": "off", "reason": "SPECULATION is off"}
+    assert off.speculation_stats() is None
+
+
+def test_greedy_is_token_for_token_transformers_and_proposals_are_accepted(engines, hf_lm) -> None:  # noqa: ANN001
+    on, _ = engines
+    before = on.speculation_stats()
+    for text in PROMPTS:
+        ids = on.tokenizer.encode(text)
+        want = hf_lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+        (res,) = generate_all(on, [(text, 40, None, None, None)])
+        assert [t.id for t in res.tokens] == want.tolist(), text
+    after = on.speculation_stats()
+    accepted = after["accepted_tokens"] - before["accepted_tokens"]
+    # the tiny random model's greedy output falls into loops: most of it comes from accepted proposals
+    assert accepted >= 40 and after["steps"] > before["steps"], after
+
+
+def test_a_mixed_batch_equals_the_engine_without_speculation(engines) -> None:  # noqa: ANN001
+    """Greedy rows with logprobs, a top-k sampled row at temperature 1, a top-p row and a
+    temperature row (which never speculate), stop strings and the length limit, in one batch: the
+    batch decodes plainly while it has several rows (verify_max_rows is 1 on this runner), and the
+    row left last speculates. The same tokens, texts, finish reasons and log-probabilities as
+    without speculation."""
+    on, off = engines
+    before = on.speculation_stats()["steps"]
+    plain = generate_all(off, [(PROMPTS[0], 30, None, None, None)])[0]
+    stop = on.tokenizer.decode([t.id for t in plain.tokens[12:14]])  # a stop string the output meets
+    requests = [
+        (PROMPTS[0], 60, None, None, 3),  # alone for its last 30 tokens: it speculates
+        (PROMPTS[1], 25, SamplingParams(do_sample=True, top_k=5, seed=11), None, 2),
+        (PROMPTS[2], 30, SamplingParams(do_sample=True, top_p=0.9, seed=12), None, None),
+        (PROMPTS[3], 30, SamplingParams(do_sample=True, temperature=0.7, top_k=10, seed=13), None, None),
+        (PROMPTS[0], 30, None, [stop], None),
+        (PROMPTS[1], 7, None, None, None),
+    ]
+    got, want = generate_all(on, requests), generate_all(off, requests)
+    for g, w in zip(got, want, strict=True):
+        assert [t.id for t in g.tokens] == [t.id for t in w.tokens]
+        assert (g.generated_text, g.reason, g.stop_reason) == (w.generated_text, w.reason, w.stop_reason)
+        np.testing.assert_allclose([t.logprob for t in g.tokens], [t.logprob for t in w.tokens], atol=1e-4)
+        for gt, wt in zip(g.tokens, w.tokens, strict=True):
+            assert [a.id for a in gt.top] == [a.id for a in wt.top]
+    assert want[4].reason == "stop_sequence"
+    assert on.speculation_stats()["steps"] > before  # the longest row, once alone, speculated
+
+
+def test_seeded_sampling_is_reproducible_and_the_same_as_without(engines) -> None:  # noqa: ANN001
+    on, off = engines
+    req = [(PROMPTS[1], 30, SamplingParams(do_sample=True, top_k=3, seed=5), None, None)]
+    first, second, plain = generate_all(on, req)[0], generate_all(on, req)[0], generate_all(off, req)[0]
+    assert [t.id for t in first.tokens] == [t.id for t in second.tokens] == [t.id for t in plain.tokens]
+
+
+def test_sampled_tokens_follow_the_models_distribution(engines, hf_lm) -> None:  # noqa: ANN001
+    """Top-3 sampling at temperature 1, 600 seeds: the third generated token (the first one a
+    verified proposal can decide) against its exact distribution from transformers (the 9 prefixes
+    of the top-3 x top-3 first tokens). A scheme that keeps a proposal more often than the model
+    would moves mass onto the proposed tokens: making each proposal twice as likely as the model
+    has it (checked by hand) gives p = 2e-6 here, against the bound of 1e-3."""
+    on, off = engines
+    k, n_runs = 3, 600
+    # a prompt that ends in the model's own greedy loop: its likely next tokens occur in it, so the
+    # n-gram lookup proposes them and they are often, not always, what the draw picks
+    loop = generate_all(off, [(PROMPTS[0], 20, None, None, None)])[0]
+    ids = on.tokenizer.encode(PROMPTS[0]) + [t.id for t in loop.tokens]
+    text = ids
+
+    def topk(prefix: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            logits = hf_lm(torch.tensor([prefix])).logits[0, -1].double()
+        v, i = torch.topk(logits, k)
+        return i.numpy(), torch.softmax(v, 0).numpy()
+
+    exact: dict[int, float] = {}
+    i1, p1 = topk(ids)
+    for a, pa in zip(i1, p1, strict=True):
+        i2, p2 = topk(ids + [int(a)])
+        for b, pb in zip(i2, p2, strict=True):
+            i3, p3 = topk(ids + [int(a), int(b)])
+            for c, pc in zip(i3, p3, strict=True):
+                exact[int(c)] = exact.get(int(c), 0.0) + pa * pb * pc
+    before = on.speculation_stats()["accepted_tokens"]
+    reqs = [(text, 3, SamplingParams(do_sample=True, top_k=k, seed=s), None, None) for s in range(n_runs)]
+    seen: dict[int, int] = {}
+    for req in reqs:  # one at a time: a row alone speculates
+        (res,) = generate_all(on, [req])
+        seen[res.tokens[2].id] = seen.get(res.tokens[2].id, 0) + 1
+    assert on.speculation_stats()["accepted_tokens"] > before  # proposals did decide third tokens
+    assert set(seen) <= set(exact)
+    support = sorted(exact)
+    observed = np.array([seen.get(t, 0) for t in support], float)
+    expected = np.array([exact[t] for t in support]) * n_runs
+    table = {t: (o, e) for t, o, e in zip(support, observed, expected, strict=True)}
+    assert stats.chisquare(observed, expected).pvalue > 1e-3, table
+
+
+def test_off_with_a_reason_on_a_runner_that_cannot_verify(tiny_lm_dir: Path, onnx_cache: Path) -> None:
+    eng = load_engine(tiny_lm_dir, None, backend="torch", cache_dir=onnx_cache, max_batch_size=4,
+                      speculation="ngram")
+    try:
+        info = eng.info()["generation"]["speculation"]
+        assert not info["enabled"] and "only the CPU GroupQueryAttention runner" in info["reason"]
+    finally:
+        eng.stop()
