@@ -1,7 +1,12 @@
 """Speculative decoding by prompt lookup (issue 31): tokens/s with SPECULATION=ngram against off.
 
     python -m bench.speculation [--rounds 3] [--size medium] [--out FILE]
+    python -m bench.speculation --size large --draft-size small     # SPECULATION=draft, random pair
+    python -m bench.speculation --target DIR --draft DIR --label X  # SPECULATION=draft, given pair
     python -m bench.speculation --quick     # smoke run on the tiny demo model, 1 round
+
+With a draft model (`--draft DIR`, or `--draft-size` for a random checkpoint of that shape), the
+second server runs `SPECULATION=draft` with it instead of `ngram`.
 
 Each round starts two servers in turn, `SPECULATION=off` and `SPECULATION=ngram` (the order
 alternates by round), on a GPT-2-shaped checkpoint with random weights (medium, 355M, by default;
@@ -47,13 +52,15 @@ PROMPT, NEW, STREAMS, STREAM_NEW, REPEATS = 32, 128, 32, 64, 2
 
 
 @contextlib.contextmanager
-def serve(ckpt: Path, speculation: str) -> Iterator[str]:
+def serve(ckpt: Path, speculation: str, draft: Path | None = None) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"MODEL_PATH": str(ckpt), "CLASSIFIER_PATH": "", "ONNX_CACHE_DIR": str(CACHE / "anchors-run" / "onnx"),
            "HOST": "127.0.0.1", "PORT": str(port), "NUM_THREADS": str(THREADS), "PRECISION": "fp32",
            "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_REQUESTS": "256", "MAX_BATCH_SIZE": "32",
            "EMBEDDING_POOLING": "off", "SPECULATION": speculation}
+    if draft is not None:
+        env["DRAFT_MODEL_PATH"] = str(draft)
     proc = _start([sys.executable, "-m", "app"], env, url, WORK / f"server_{speculation}.log", cwd=REPO)
     try:
         yield url
@@ -105,22 +112,23 @@ def run(url: str, rnd: int) -> dict[str, float]:
 def report(record: dict[str, Any]) -> str:
     cpu = record["cpu"]
     rounds = record["rounds"]
+    mode = record.get("mode", "ngram")
     lines = [f"Command: `{record['command']}`  ",
              f"Machine: {cpu['model_name']} (lscpu), {cpu['cpus']} CPUs; flags: {', '.join(cpu['flags']) or 'none'}; "
              f"{record['time']}; commit `{record['commit']}`  ",
              f"Checkpoint: {record['checkpoint_label']}, fp32, ONNX Runtime, {THREADS} threads; {len(rounds)} "
              "round(s), the two servers in alternating order; medians (range over rounds); ratio: of the medians "
              "(per-round range).", "",
-             "| workload | SPECULATION=off | SPECULATION=ngram | ratio | target |", "| --- | --- | --- | --- | --- |"]
+             f"| workload | SPECULATION=off | SPECULATION={mode} | ratio | target |", "| --- | --- | --- | --- | --- |"]
     for key, label, target in (("repeat_tok_s", "one greedy stream, its output looping, tokens/s", 1.6),
                                ("nomatch_tok_s", "one top-k sampled stream (little repeats), tokens/s", 0.95),
                                ("streams_tok_s", f"{STREAMS} greedy streams, tokens/s", 0.95)):
         off = [r["off"][key] for r in rounds]
-        on = [r["ngram"][key] for r in rounds]
+        on = [r[mode][key] for r in rounds]
         ratio, verdict = _ratio(on, off, target, higher=True)
         lines.append(f"| {label} | {_mr(off)} | {_mr(on)} | {ratio} | {verdict} |")
-    proposed = sum(r["ngram"]["num_draft_tokens"] for r in rounds)
-    accepted = sum(r["ngram"]["num_accepted_tokens"] for r in rounds)
+    proposed = sum(r[mode]["num_draft_tokens"] for r in rounds)
+    accepted = sum(r[mode]["num_accepted_tokens"] for r in rounds)
     if proposed:
         lines += ["", f"- proposals over all rounds (`/metrics`): {proposed:,.0f} tokens proposed, {accepted:,.0f} "
                       f"accepted ({accepted / proposed:.0%})."]
@@ -133,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; --quick: 1)")
     p.add_argument("--size", default="medium", choices=sorted(LABELS), help="the random checkpoint's shape")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny demo model, 1 round")
+    p.add_argument("--target", type=Path, default=None, help="the served checkpoint (instead of --size)")
+    p.add_argument("--draft", type=Path, default=None, help="a draft checkpoint: SPECULATION=draft")
+    p.add_argument("--draft-size", default=None, choices=sorted(LABELS), help="a random draft of this shape")
+    p.add_argument("--label", default=None, help="how the table names the checkpoints")
     p.add_argument("--out", type=Path, default=None, help="JSON record (default bench/results/speculation.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
@@ -140,20 +152,28 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     if args.quick:
         ckpt, label = DEMO_LM, "model/demo/lm (tiny demo model, --quick)"
+    elif args.target:
+        ckpt, label = args.target.resolve(), str(args.target)
     else:
         ckpt = build_checkpoint(args.size, CACHE / "checkpoints")
         label = f"GPT-2 {LABELS[args.size]} shape ({args.size}), random weights"
+    draft = args.draft.resolve() if args.draft else (
+        build_checkpoint(args.draft_size, CACHE / "checkpoints") if args.draft_size else None)
+    if draft is not None:
+        label += f", draft {args.draft or f'GPT-2 {LABELS[args.draft_size]} shape, random weights'}"
+    label = args.label or label
+    mode = "draft" if draft is not None else "ngram"
     rounds = []
     for rnd in range(args.rounds or (1 if args.quick else 3)):
         res = {}
-        for mode in (("off", "ngram") if rnd % 2 == 0 else ("ngram", "off")):
-            with serve(ckpt, mode) as url:
-                res[mode] = run(url, rnd)
-            logger.info("round %d %s: %s", rnd + 1, mode, res[mode])
+        for m in (("off", mode) if rnd % 2 == 0 else (mode, "off")):
+            with serve(ckpt, m, draft if m == "draft" else None) as url:
+                res[m] = run(url, rnd)
+            logger.info("round %d %s: %s", rnd + 1, m, res[m])
         rounds.append(res)
     record = {"command": "python -m bench.speculation " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpu": lscpu(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
-              "checkpoint_label": label, "rounds": rounds}
+              "checkpoint_label": label, "mode": mode, "rounds": rounds}
     out = args.out or (None if args.quick else REPO / "bench" / "results" / "speculation.json")
     if out:
         out.write_text(json.dumps(record, indent=1))

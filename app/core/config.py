@@ -64,10 +64,12 @@ class Settings(BaseSettings):
         "last", description="/v1/embeddings: the final hidden state of the last token (vLLM's default for a "
                             "causal LM) or the mean over the tokens, unit L2 norm; off: no embedding graph "
                             "(not exported, not loaded)")
-    speculation: Literal["off", "ngram"] = Field(
+    speculation: Literal["off", "ngram", "draft"] = Field(
         "off", description="speculative decoding: ngram proposes the tokens that followed the last occurrence of "
-                           "a row's latest n-gram in its prompt and output, verified in the decode step (exact; "
-                           "the CPU GroupQueryAttention runner only)")
+                           "a row's latest n-gram in its prompt and output; draft: DRAFT_MODEL_PATH's model proposes "
+                           "them; verified in the decode step (exact; the CPU GroupQueryAttention runner only)")
+    draft_model_path: Path | None = Field(None, description="SPECULATION=draft: a smaller GPT-2 checkpoint with the "
+                                                            "served model's tokenizer, exported and served alike")
     speculation_max_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per row and step")
     speculation_ngram: int = Field(3, ge=1, le=16, description="longest n-gram looked up (down to 1)")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")

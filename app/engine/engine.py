@@ -28,7 +28,7 @@ from app.engine.prefix_cache import BLOCK_TOKENS
 from app.engine.runner import Loaded
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import MAX_LOGPROBS, Finish, GenerationRequest, Scheduler, StreamEvent
-from app.engine.speculation import Speculator
+from app.engine.speculation import DraftProposer, Speculator
 from model.tokenizer import GPT2Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -96,19 +96,22 @@ class Engine:
                  max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
                  score_chunk_tokens: int = 128, embedding: Loaded | None = None,
                  embedding_pooling: str = "last", speculation: str = "off", speculation_max_tokens: int = 4,
-                 speculation_ngram: int = 3) -> None:
+                 speculation_ngram: int = 3, draft: Loaded | None = None) -> None:
         self.generation = generation
-        # SPECULATION=ngram: prompt-lookup proposals verified in the decode step, where the runner can
-        self.speculation = speculation
+        # SPECULATION=ngram|draft: proposals verified in the decode step, where the runners can
+        self.speculation, self.draft = speculation, draft
         self.speculation_off_reason: str | None = None
         speculator = None
-        if speculation == "ngram" and generation is not None:
-            self.speculation_off_reason = generation.runner.speculation_off_reason
+        if speculation != "off" and generation is not None:
+            self.speculation_off_reason = generation.runner.speculation_off_reason or (
+                f"the draft model's runner: {draft.runner.speculation_off_reason}"
+                if draft is not None and draft.runner.speculation_off_reason else None)
             if self.speculation_off_reason is None:
+                proposer = DraftProposer(draft.runner, str(draft.checkpoint)) if draft is not None else None
                 speculator = Speculator(speculation_max_tokens, speculation_ngram,
-                                        generation.runner.verify_max_rows)
+                                        generation.runner.verify_max_rows, proposer)
             else:
-                logger.warning("SPECULATION=ngram is off: %s", self.speculation_off_reason)
+                logger.warning("SPECULATION=%s is off: %s", speculation, self.speculation_off_reason)
         self.speculator = speculator
         # /v1/embeddings: the embedding graph of the generation checkpoint, pooled (`app.engine.pooling`)
         # in calls of at most MAX_BATCH_PREFILL_TOKENS padded tokens, on the scheduler's worker thread.
@@ -227,7 +230,7 @@ class Engine:
     def stop(self) -> None:
         self.scheduler.stop()
         self._workers.shutdown(wait=False, cancel_futures=True)
-        for loaded in (self.generation, self.classification, self.embedding):
+        for loaded in (self.generation, self.classification, self.embedding, self.draft):
             if loaded:
                 loaded.runner.close()
 

@@ -420,6 +420,13 @@ class OrtSlotRunner(GenerationRunner):
             raise ValueError(f"rewind: {keep.tolist()} for {self.num_rows} rows fed {self._verify_width} tokens")
         self.lengths = self.lengths - self._verify_width + keep
 
+    def truncate(self, row: int, length: int) -> None:
+        """Row `row` keeps its first `length` cached tokens (a draft model's row after some of its
+        proposals were refused)."""
+        if not 0 < length <= int(self.lengths[row]):
+            raise ValueError(f"truncate: row {row} holds {int(self.lengths[row])} tokens, not {length}")
+        self.lengths[row] = length
+
     def drop(self, rows: Sequence[int]) -> np.ndarray:
         self.keep_pending()  # before rows move
         n = self.num_rows

@@ -1,16 +1,19 @@
-"""Speculative decoding by prompt lookup (n-gram): propose, verify in one call, keep what agrees.
+"""Speculative decoding: propose, verify in one call, keep what agrees.
 
-A row's proposal is the tokens that followed the last earlier occurrence of its latest n-gram in
-its prompt and output (vLLM's `ngram`, TGI's n-gram speculation): no extra model, no memory. A
-decode step with proposals feeds each row its last token and its proposals in one runner call
-(`GenerationRunner.verify`), which returns the top-N at every one of those positions. Then, row by
+A row's proposal is, with SPECULATION=ngram, the tokens that followed the last earlier occurrence
+of its latest n-gram in its prompt and output (vLLM's `ngram`, TGI's n-gram speculation): no extra
+model, no memory; with SPECULATION=draft, a smaller model's greedy continuation (`DraftProposer`,
+its own KV cache for the one row it proposes for). A decode step with proposals feeds each row
+its last token and its proposals in one runner call (`GenerationRunner.verify`), which returns the
+top-N at every one of those positions. Then, row by
 row, position by position, the row's own sampler chooses a token from that position's top-N,
 exactly as a plain step would: if it equals the next proposal, it is accepted and the next
 position is read; otherwise it is the row's last token of this step. When every proposal agrees,
 the last position gives one more token. The cache keeps the fed tokens that were accepted
 (`GenerationRunner.rewind`).
 
-Why this is exact: a proposal is deterministic (q = 1 on the proposed token), and the standard
+Why this is exact: a proposal is deterministic given the history (q = 1 on the proposed token:
+prompt lookup's by construction, the draft's because it decodes greedily), and the standard
 rejection scheme with such a q (accept d with probability min(1, p(d)/q(d)) = p(d); on rejection
 draw from max(0, p - q) normalized, which is p without d) is the same as drawing x ~ p and
 accepting d when x == d. That draw is the one the row's sampler would have made at that step
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from app.engine.runner import Verified
+from app.engine.runner import GenerationRunner, Verified, Want
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +84,53 @@ def ngram_proposal(history: Sequence[int] | np.ndarray, n_max: int, k: int, n_mi
     return ext
 
 
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+class DraftProposer:
+    """A smaller model with the same tokenizer (DRAFT_MODEL_PATH) proposes `k` tokens, greedily:
+    each proposal is deterministic given the history (q = 1 on it), so the acceptance above stays
+    the exact scheme. It keeps one row in its own KV cache, for the stream being speculated on: at
+    each step the row keeps the longest prefix it shares with the stream's history, is fed the rest
+    in one call (`verify`, which gives the first proposal), then decodes `k - 1` more steps. So a
+    step costs the draft one call over the tokens new since the last step plus `k - 1` one-token
+    steps; its refused proposals leave its cache at the next step."""
+
+    def __init__(self, runner: GenerationRunner, checkpoint: str = "") -> None:
+        self.runner = runner
+        self.checkpoint = checkpoint
+        self.cached = np.zeros(0, np.int64)  # the tokens in the draft's row
+
+    def propose(self, history: np.ndarray, k: int) -> list[int]:
+        k = min(k, self.runner.info.n_positions - len(history))  # it holds history + k - 1 tokens
+        if k <= 0:
+            return []
+        r = self.runner
+        try:
+            common = min(_common_prefix(self.cached, history), len(history) - 1)  # feed at least one
+            if common == 0:
+                if r.num_rows:
+                    r.drop(list(range(r.num_rows)))
+                sel = r.add([history.tolist()], Want())
+            else:
+                r.truncate(0, common)
+                out = r.verify([history[common:].tolist()], Want())
+                r.rewind([len(history) - common])
+                sel = out.last()
+            proposal = [int(sel.top_ids[0, 0])]
+            for _ in range(k - 1):
+                proposal.append(int(r.step([proposal[-1]], Want()).top_ids[0, 0]))
+        except Exception:  # the draft only proposes: its failure costs speculation, not the request
+            logger.exception("the draft model failed; its row is reset")
+            self.cached = np.zeros(0, np.int64)
+            return []
+        self.cached = np.concatenate([history, np.asarray(proposal[:-1], np.int64)])
+        return proposal
+
+
 @dataclass
 class RowState:
     """A row's speculation: its acceptance average and how many plain steps since it stopped."""
@@ -113,18 +163,22 @@ class Stats:
 class Speculator:
     """Decides each step's proposals, and turns a verify call's top-N into accepted tokens."""
 
-    def __init__(self, max_tokens: int = 4, ngram: int = 3, max_rows: int = 1) -> None:
+    def __init__(self, max_tokens: int = 4, ngram: int = 3, max_rows: int = 1,
+                 draft: DraftProposer | None = None) -> None:
         if max_tokens < 1 or ngram < 1:
             raise ValueError("SPECULATION_MAX_TOKENS and SPECULATION_NGRAM must be at least 1")
         self.max_tokens = max_tokens
         self.ngram = ngram
+        self.draft = draft  # None: prompt lookup
         self.max_rows = max_rows  # the runner's verify_max_rows
         self.stats = Stats()
         self._rows: dict[int, RowState] = {}  # by id(_Seq)
 
     def info(self) -> dict[str, Any]:
-        return {"mode": "ngram", "max_tokens": self.max_tokens, "ngram": self.ngram, "max_rows": self.max_rows,
-                "proposed_tokens": self.stats.proposed, "accepted_tokens": self.stats.accepted}
+        how = {"mode": "draft", "draft_model": self.draft.checkpoint} if self.draft else {"mode": "ngram",
+                                                                                         "ngram": self.ngram}
+        return how | {"max_tokens": self.max_tokens, "max_rows": self.max_rows,
+                      "proposed_tokens": self.stats.proposed, "accepted_tokens": self.stats.accepted}
 
     def _state(self, seq: Any) -> RowState:
         st = self._rows.get(id(seq))
@@ -157,7 +211,12 @@ class Speculator:
         for s in seqs:
             st = self._state(s)
             k = self._k(s, st)
-            proposals.append(ngram_proposal(st.catch_up(), self.ngram, k) if k else [])
+            if not k:
+                proposals.append([])
+            elif self.draft is not None:
+                proposals.append(self.draft.propose(st.catch_up(), k))
+            else:
+                proposals.append(ngram_proposal(st.catch_up(), self.ngram, k))
         return proposals if any(proposals) else None
 
     def accept(self, seqs: Sequence[Any], proposals: list[list[int]], out: Verified) -> list[int]:

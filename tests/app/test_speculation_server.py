@@ -1,4 +1,4 @@
-"""SPECULATION=ngram over HTTP: the same greedy completion as a server without it, streamed and
+"""SPECULATION=ngram and SPECULATION=draft over HTTP: the same greedy completion as a server without it, streamed and
 not, and the proposals counted in /metrics and /info."""
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ def servers(tmp_path_factory, tiny_lm_dir: Path, onnx_cache: Path) -> Iterator[t
     env = base_env(tiny_lm_dir, tiny_lm_dir, onnx_cache, CLASSIFIER_PATH="", EMBEDDING_POOLING="off")
     on = start_server(tmp, env | {"SPECULATION": "ngram", "SPECULATION_MAX_TOKENS": "3"})
     off = start_server(tmp, env)
-    yield on, off
-    stop_server(on)
-    stop_server(off)
+    # the model as its own draft: a checkpoint the loader exports and serves a second time
+    draft = start_server(tmp, env | {"SPECULATION": "draft", "DRAFT_MODEL_PATH": str(tiny_lm_dir)})
+    yield on, off, draft
+    for s in (on, off, draft):
+        stop_server(s)
 
 
 def complete(srv: Server, stream: bool) -> tuple[str, list[float]]:
@@ -50,9 +52,9 @@ def counter(srv: Server, name: str) -> float:
     return float(m.group(1))
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_same_completion_as_without_and_counted(servers, stream: bool) -> None:  # noqa: ANN001
-    on, off = servers
+@pytest.mark.parametrize(("mode", "stream"), [("ngram", False), ("ngram", True), ("draft", False), ("draft", True)])
+def test_same_completion_as_without_and_counted(servers, mode: str, stream: bool) -> None:  # noqa: ANN001
+    on, off = servers[2] if mode == "draft" else servers[0], servers[1]
     before = counter(on, "num_accepted_tokens")
     (text, lps), (want_text, want_lps) = complete(on, stream), complete(off, stream)
     assert text == want_text and len(lps) == len(want_lps) == 40
@@ -60,9 +62,11 @@ def test_same_completion_as_without_and_counted(servers, stream: bool) -> None: 
     assert counter(on, "num_accepted_tokens") > before and counter(on, "num_draft_tokens") > 0
 
 
-def test_info_shows_the_settings(servers) -> None:  # noqa: ANN001
-    on, off = servers
+def test_info_shows_the_settings(servers, tiny_lm_dir: Path) -> None:  # noqa: ANN001
+    on, off, draft = servers
     spec = httpx.get(on.url + "/info", timeout=10).json()["generation"]["speculation"]
     assert spec["enabled"] and (spec["mode"], spec["max_tokens"], spec["ngram"]) == ("ngram", 3, 3)
+    spec = httpx.get(draft.url + "/info", timeout=10).json()["generation"]["speculation"]
+    assert spec["enabled"] and spec["mode"] == "draft" and spec["draft_model"] == str(tiny_lm_dir)
     assert httpx.get(off.url + "/info", timeout=10).json()["settings"]["speculation"] == "off"
     assert "gpt2_spec_decode" not in httpx.get(off.url + "/metrics", timeout=10).text

@@ -15,6 +15,7 @@ from scipy import stats
 from app.engine.sampling import SamplingParams
 from app.engine.speculation import ngram_proposal
 from app.loading.engine_loader import load_engine
+from tests.conftest import make_hf_checkpoint
 
 # Prompts whose continuation repeats them (a list, a loop) and one where little repeats.
 PROMPTS = ["one two three four one two three four one two three", "a b c a b c a b c a b",
@@ -170,3 +171,55 @@ def test_off_with_a_reason_on_a_runner_that_cannot_verify(tiny_lm_dir: Path, onn
         assert not info["enabled"] and "only the CPU GroupQueryAttention runner" in info["reason"]
     finally:
         eng.stop()
+
+
+# ---- a draft model ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory) -> Path:  # noqa: ANN001
+    """Another tiny random model with the same tokenizer: a draft that rarely agrees."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("draft"), "generate", seed=5)
+
+
+def draft_engine(tiny_lm_dir: Path, onnx_cache: Path, draft: Path):  # noqa: ANN201
+    return make_engine(tiny_lm_dir, onnx_cache, "draft", draft_model_path=draft)
+
+
+@pytest.mark.parametrize("which", ["itself", "another"])
+def test_a_draft_model_gives_transformers_greedy_output(which: str, tiny_lm_dir: Path, onnx_cache: Path,
+                                                        other_draft: Path, hf_lm, engines) -> None:  # noqa: ANN001
+    """The model as its own draft agrees on (nearly) every proposal; another random model on few.
+    Either way the output is transformers' greedy output, and a seeded sampled request gives the
+    tokens of the engine without speculation."""
+    eng = draft_engine(tiny_lm_dir, onnx_cache, tiny_lm_dir if which == "itself" else other_draft)
+    _, off = engines
+    try:
+        info = eng.info()["generation"]["speculation"]
+        assert info["enabled"] and info["mode"] == "draft" and info["draft_model"].endswith(
+            tiny_lm_dir.name if which == "itself" else other_draft.name)
+        for text in PROMPTS[2:]:
+            ids = eng.tokenizer.encode(text)
+            want = hf_lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+            (res,) = generate_all(eng, [(text, 30, None, None, 2)])
+            assert [t.id for t in res.tokens] == want.tolist(), text
+        st = eng.speculation_stats()  # greedy proposals for greedy rows
+        share = st["accepted_tokens"] / st["proposed_tokens"]
+        assert share > 0.9 if which == "itself" else share < 0.5, st
+        req = [(PROMPTS[3], 30, SamplingParams(do_sample=True, top_k=4, seed=8), None, None)]
+        assert [t.id for t in generate_all(eng, req)[0].tokens] == [t.id for t in generate_all(off, req)[0].tokens]
+    finally:
+        eng.stop()
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tmp_path: Path, tiny_lm_dir: Path, onnx_cache: Path,
+                                                   other_draft: Path) -> None:
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(other_draft, odd)
+    (odd / "merges.txt").write_text((odd / "merges.txt").read_text()[:-200], encoding="utf-8")
+    with pytest.raises(ValueError, match="its merges.txt differs from MODEL_PATH's"):
+        draft_engine(tiny_lm_dir, onnx_cache, odd)
+    with pytest.raises(ValueError, match="SPECULATION=draft needs DRAFT_MODEL_PATH"):
+        make_engine(tiny_lm_dir, onnx_cache, "draft")
