@@ -532,12 +532,17 @@ class Scheduler:
     def _decode(self, seqs: list[_Seq]) -> None:
         """One decode step: each row's last token, and with speculation its proposals, verified in
         the same call (`speculation`): a row then makes from one to 1 + its proposals tokens."""
-        plan = self.speculator.plan(seqs) if self.speculator is not None else None
+        spec, t0, made = self.speculator, time.perf_counter(), len(seqs)
+        plan = spec.plan(seqs) if spec is not None else None
         if plan is None:
             self._accept(seqs, self.runner.step([s.last_token for s in seqs], self._want(seqs)))
-            return
-        out = self.runner.verify([[s.last_token, *p] for s, p in zip(seqs, plan, strict=True)], self._want(seqs))
-        self.runner.rewind(self.speculator.accept(seqs, plan, out))
+        else:
+            out = self.runner.verify([[s.last_token, *p] for s, p in zip(seqs, plan, strict=True)], self._want(seqs))
+            keep = spec.accept(seqs, plan, out)
+            self.runner.rewind(keep)
+            made = sum(keep)
+        if spec is not None and len(seqs) <= spec.max_rows:  # what speculation has to beat, and what it does
+            spec.record(plan is None, time.perf_counter() - t0, made)
 
     def _accept(self, seqs: list[_Seq], sel: Selected) -> None:
         """Each row's next token, from the runner's selection."""

@@ -28,12 +28,18 @@ logits too, so they decode plainly.
 
 It never costs much: a row's proposal length adapts to how much of its proposals it accepted
 (an exponential average): it drops to none while little agrees, and a row with none tries one
-proposal again every `PROBE_EVERY` steps. A step speculates only while the batch has at most the
-runner's `verify_max_rows` rows: ONNX Runtime's CPU GroupQueryAttention refuses a call of several
-tokens per row over a cache for more than one row ("batch_size must be 1 when sequence_length > 1
-and past context is given"), and a verify call per row would read the weights once per row where
-a plain step reads them once for the batch. So speculation serves the case it helps most, a
-stream alone (decode bound by reading the weights), and a busy batch decodes as before.
+proposal again every `PROBE_EVERY` steps. Acceptance alone does not say whether it pays (a draft
+model's steps cost time of their own), so the time per token of speculative and of plain steps is
+measured as they run (`record`; a plain step at least every `PLAIN_EVERY` steps), and while
+speculating is the slower of the two, it pauses: a probe after `PROBE_EVERY` steps, and the gap
+doubles (up to `MAX_PROBE_GAP`) for each probe that finds it still slower.
+
+A step speculates only while the batch has at most the runner's `verify_max_rows` rows: ONNX
+Runtime's CPU GroupQueryAttention refuses a call of several tokens per row over a cache for more
+than one row ("batch_size must be 1 when sequence_length > 1 and past context is given"), and a
+verify call per row would read the weights once per row where a plain step reads them once for
+the batch. So speculation serves the case it helps most, a stream alone (decode bound by reading
+the weights), and a busy batch decodes as before.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from app.engine.runner import GenerationRunner, Verified, Want
 logger = logging.getLogger(__name__)
 
 PROBE_EVERY = 8  # a row whose proposals stopped tries one again after this many plain steps
+PLAIN_EVERY = 32  # a plain step at least this often measures what speculation has to beat
+MAX_PROBE_GAP = 256  # while it does not pay, the steps between probes double up to this
 EMA = 0.5  # weight of the newest step in a row's acceptance average
 
 
@@ -173,6 +181,28 @@ class Speculator:
         self.max_rows = max_rows  # the runner's verify_max_rows
         self.stats = Stats()
         self._rows: dict[int, RowState] = {}  # by id(_Seq)
+        # seconds per token of one-row steps, exponential averages: plain and speculative
+        self._plain: float | None = None
+        self._spec: float | None = None
+        self._since_plain = self._since_spec = 0
+        self._probe_gap = PROBE_EVERY
+        self.measure = True  # False: speculate whatever the times say (tests that need it to happen)
+
+    @property
+    def paying(self) -> bool:
+        """Whether speculative steps have made tokens faster than plain ones (or are unmeasured)."""
+        return not self.measure or self._spec is None or self._plain is None or self._spec <= self._plain
+
+    def record(self, plain: bool, seconds: float, tokens: int) -> None:
+        """A one-row decode step's time and the tokens it made (the scheduler's `_decode`)."""
+        per = seconds / max(1, tokens)
+        if plain:
+            self._plain = per if self._plain is None else (1 - EMA) * self._plain + EMA * per
+            self._since_plain = 0
+        else:
+            self._spec = per if self._spec is None else (1 - EMA) * self._spec + EMA * per
+            self._since_spec = 0
+            self._probe_gap = PROBE_EVERY if self.paying else min(2 * self._probe_gap, MAX_PROBE_GAP)
 
     def info(self) -> dict[str, Any]:
         how = {"mode": "draft", "draft_model": self.draft.checkpoint} if self.draft else {"mode": "ngram",
@@ -193,6 +223,8 @@ class Speculator:
                    - len(seq.tokens)) - 1  # the step makes at least one token beyond the proposals
         if left <= 0 or not _eligible(seq):
             return 0
+        if not self.paying and self._since_spec < self._probe_gap:
+            return 0
         if st.accept < 0.25:
             st.idle += 1
             if st.idle < PROBE_EVERY:
@@ -206,6 +238,10 @@ class Speculator:
         batch has more rows than a verify call takes)."""
         if len(seqs) > self.max_rows:
             return None
+        self._since_plain += 1
+        self._since_spec += 1
+        if self.measure and (self._plain is None or self._since_plain >= PLAIN_EVERY):
+            return None  # a plain step, measured
         self._rows = {id(s): st for s in seqs if (st := self._rows.get(id(s))) is not None and st.seq is s}
         proposals = []
         for s in seqs:

@@ -316,7 +316,8 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
 
 def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
               cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool,
-              lock_stale_s: float, prefix_cache_bytes: int = 0) -> Loaded:
+              lock_stale_s: float, prefix_cache_bytes: int = 0,
+              session_config: dict[str, str] | None = None) -> Loaded:
     from app.engine.ort_runner import OrtClassificationRunner, OrtEmbeddingRunner, OrtGenerationRunner, OrtSlotRunner
 
     attention = attention_for(task, dev, precision)
@@ -352,7 +353,7 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
                 raise SettingRefusedError(f"{e}; or lower PREFIX_CACHE_MB (0 or PREFIX_CACHING=false: "
                                           f"no prefix cache)") from e
         runner = OrtSlotRunner(path, dev, num_threads, n_positions=n_positions, max_rows=max_batch_size,
-                               prefix_cache_bytes=prefix_cache_bytes)
+                               prefix_cache_bytes=prefix_cache_bytes, session_config=session_config)
     else:
         runner = OrtGenerationRunner(path, dev, num_threads, n_positions=n_positions)
     return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, note, cache_hit,
@@ -367,7 +368,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
          cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto",
          retry_failed_export: bool = False, lock_stale_s: float = export_lock.STALE_AFTER_S,
-         prefix_cache_bytes: int = 0) -> Loaded:
+         prefix_cache_bytes: int = 0, session_config: dict[str, str] | None = None) -> Loaded:
     """Build the runner for `task` ("generate", "classify", or "embed": the embedding graph of a
     language model's checkpoint) following BACKEND/DEVICE/PRECISION.
     `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
@@ -390,7 +391,7 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                 raise SettingRefusedError(f"CUDA_GRAPHS=on needs DEVICE=cuda and PRECISION=fp16 "
                                           f"(this start resolved to {dev}, {precision})")
             return _load_ort(task, checkpoint, dev, precision, cache_dir, num_threads, cancel, max_batch_size,
-                             cuda_graphs, retry_failed_export, lock_stale_s, prefix_cache_bytes)
+                             cuda_graphs, retry_failed_export, lock_stale_s, prefix_cache_bytes, session_config)
         except (LoadCancelledError, SettingRefusedError):
             raise
         except Exception as e:

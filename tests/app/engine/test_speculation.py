@@ -35,6 +35,11 @@ def test_ngram_proposal_follows_the_last_occurrence_of_the_longest_ngram() -> No
 def make_engine(tiny_lm_dir: Path, onnx_cache: Path, speculation: str, **kw):  # noqa: ANN201
     eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", cache_dir=onnx_cache, max_batch_size=8,
                       speculation=speculation, speculation_max_tokens=4, speculation_ngram=3, **kw)
+    if eng.speculator is not None:
+        # speculate whenever a row is alone and proposes, whatever the measured times say (on this
+        # tiny model a verify call can cost more per token than a step): the tests below need it to
+        # happen; test_speculation_pauses_while_it_does_not_pay checks the measuring
+        eng.speculator.measure = False
     eng.start()
     return eng
 
@@ -223,3 +228,35 @@ def test_a_draft_with_another_tokenizer_is_refused(tmp_path: Path, tiny_lm_dir: 
         draft_engine(tiny_lm_dir, onnx_cache, odd)
     with pytest.raises(ValueError, match="SPECULATION=draft needs DRAFT_MODEL_PATH"):
         make_engine(tiny_lm_dir, onnx_cache, "draft")
+
+
+def test_speculation_pauses_while_it_does_not_pay() -> None:
+    """The speculator's own bookkeeping: with speculative steps measured slower per token than plain
+    ones, rows stop proposing but for one step in PROBE_EVERY; measured faster, they propose again;
+    a plain step comes at least every PLAIN_EVERY steps to keep the comparison fresh."""
+    from types import SimpleNamespace
+
+    from app.engine.sampling import Sampler
+    from app.engine.speculation import PLAIN_EVERY, PROBE_EVERY, Speculator
+
+    history = [5, 6, 7] * 10
+    req = SimpleNamespace(prompt_ids=history, max_new_tokens=1000)
+    row = SimpleNamespace(req=req, tokens=[], context_limit=1024, constraint=None,
+                          sampler=Sampler(SamplingParams(), history))
+    spec = Speculator(max_tokens=4, ngram=3)
+    assert spec.plan([row]) is None  # nothing measured yet: a plain step first
+    spec.record(True, 0.010, 1)
+    assert spec.plan([row]) == [[5, 6, 7, 5]]
+    spec.record(False, 0.040, 2)  # 20 ms a token against 10: it does not pay
+    plans = []
+    for _ in range(2 * PROBE_EVERY):  # each step measured as the scheduler does: still slower
+        plans.append(spec.plan([row]))
+        spec.record(plans[-1] is None, 0.010 if plans[-1] is None else 0.040, 1 if plans[-1] is None else 2)
+    assert 1 <= sum(p is not None for p in plans) <= 2, plans  # the probes only
+    spec.record(False, 0.010, 5)  # a probe made 5 tokens in 10 ms: 2 ms a token, it pays again
+    spec.record(False, 0.010, 5)
+    plans = []
+    for _ in range(2 * PLAIN_EVERY):
+        plans.append(spec.plan([row]))
+        spec.record(plans[-1] is None, 0.010, 1 if plans[-1] is None else 5)
+    assert 2 <= plans.count(None) <= 3, plans  # proposals at every step but the measuring plain ones
