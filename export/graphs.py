@@ -335,9 +335,10 @@ def export_generation_gqa(model: GPT2, path: str | Path, opset: int = DEFAULT_OP
     _save(program, model, Path(path), dims)
 
 
-@torch.no_grad()
-def export_classification(model: GPT2ForSequenceClassification, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
-    """Export the sequence-classification graph of `model` (fp32) to `path`."""
+def _export_padded(model: nn.Module, graph: type[nn.Module], path: str | Path, output: str,
+                   output_dims: list[str | int], what: str, opset: int) -> None:
+    """Export a graph of a padded batch, `input_ids` and `attention_mask` (B, T) -> `output`:
+    `graph(model)` wraps `model` (fp32), traced on a 2 x 5 example with both dims dynamic."""
     cfg = model.config
     model = model.eval().float()
     B, T = 2, 5
@@ -345,14 +346,21 @@ def export_classification(model: GPT2ForSequenceClassification, path: str | Path
     input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
     batch, seq = Dim(BATCH), Dim(SEQ, max=cfg.n_positions)
-    logger.info("tracing the classification graph (%d layers)", cfg.n_layer)
+    logger.info("tracing the %s graph (%d layers)", what, cfg.n_layer)
     program = _export(
-        _ClassificationGraph(model), (input_ids, attention_mask),
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        graph(model), (input_ids, attention_mask),
+        input_names=["input_ids", "attention_mask"], output_names=[output],
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset_version=opset,
     )
-    dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ], "logits": [BATCH, cfg.num_labels]}
+    dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ], output: output_dims}
     _save(program, model, Path(path), dims)
+
+
+@torch.no_grad()
+def export_classification(model: GPT2ForSequenceClassification, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export the sequence-classification graph of `model` (fp32) to `path`."""
+    _export_padded(model, _ClassificationGraph, path, "logits", [BATCH, model.config.num_labels], "classification",
+                   opset)
 
 
 @torch.no_grad()
@@ -360,18 +368,5 @@ def export_embedding(model: GPT2, path: str | Path, opset: int = DEFAULT_OPSET) 
     """Export the embedding graph of a language model `model` (fp32) to `path`: `input_ids`,
     `attention_mask` -> `last_hidden_state` (B, T, n_embd). Position ids come from the mask (as the
     classifier's), so left padding does not shift them."""
-    cfg = model.config
-    model = model.eval().float()
-    B, T = 2, 5
-    dev = next(model.parameters()).device
-    input_ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
-    attention_mask = torch.ones(B, T, dtype=torch.long, device=dev)
-    batch, seq = Dim(BATCH), Dim(SEQ, max=cfg.n_positions)
-    logger.info("tracing the embedding graph (%d layers)", cfg.n_layer)
-    program = _export(
-        _EmbeddingGraph(model), (input_ids, attention_mask),
-        input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}, opset_version=opset,
-    )
-    dims = {"input_ids": [BATCH, SEQ], "attention_mask": [BATCH, SEQ], "last_hidden_state": [BATCH, SEQ, cfg.n_embd]}
-    _save(program, model, Path(path), dims)
+    _export_padded(model, _EmbeddingGraph, path, "last_hidden_state", [BATCH, SEQ, model.config.n_embd], "embedding",
+                   opset)

@@ -40,45 +40,42 @@ class Metrics:
     def watch_prefix_cache(self, read: Callable[[], dict[str, int] | None]) -> None:
         """Export the prefix cache's counters, read at each scrape (`Engine.prefix_stats`): vLLM's
         prefix_cache_queries / prefix_cache_hits (prompt tokens), and its memory against the budget."""
-        self.registry.register(_PrefixCacheCollector(read))
+        self.registry.register(_ReadCollector(read, [
+            (CounterMetricFamily, "gpt2_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+             "queries"),
+            (CounterMetricFamily, "gpt2_prefix_cache_hits", "prompt tokens whose KV came from the prefix cache",
+             "hits"),
+            (CounterMetricFamily, "gpt2_prefix_cache_evicted_blocks", "blocks evicted from the prefix cache",
+             "evicted_blocks"),
+            (GaugeMetricFamily, "gpt2_prefix_cache_bytes", "prefix cache memory in use", "bytes_in_use"),
+            (GaugeMetricFamily, "gpt2_prefix_cache_budget_bytes", "prefix cache budget (PREFIX_CACHE_MB)",
+             "budget_bytes"),
+        ]))
 
     def watch_speculation(self, read: Callable[[], dict[str, int] | None]) -> None:
-        """Export speculative decoding's counters (`Engine.speculation_stats`)."""
-        self.registry.register(_SpeculationCollector(read))
+        """Export speculative decoding's counters (`Engine.speculation_stats`): vLLM's spec_decode
+        draft tokens proposed and accepted."""
+        self.registry.register(_ReadCollector(read, [
+            (CounterMetricFamily, "gpt2_spec_decode_num_draft_tokens", "tokens proposed by speculation and verified",
+             "proposed_tokens"),
+            (CounterMetricFamily, "gpt2_spec_decode_num_accepted_tokens", "proposed tokens the model accepted",
+             "accepted_tokens"),
+            (CounterMetricFamily, "gpt2_spec_decode_num_steps", "decode steps that verified proposals", "steps"),
+        ]))
 
 
-class _PrefixCacheCollector(Collector):
-    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
+class _ReadCollector(Collector):
+    """Metrics read from `read()` at each scrape (none while it returns None): one family per
+    (CounterMetricFamily or GaugeMetricFamily, name, help, key of the dict read)."""
+
+    def __init__(self, read: Callable[[], dict[str, int] | None],
+                 families: list[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, str]]) -> None:
         self.read = read
+        self.families = families
 
     def collect(self) -> Iterator[Metric]:
         st = self.read()
         if st is None:
             return
-        yield CounterMetricFamily("gpt2_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
-                                  value=st["queries"])
-        yield CounterMetricFamily("gpt2_prefix_cache_hits", "prompt tokens whose KV came from the prefix cache",
-                                  value=st["hits"])
-        yield CounterMetricFamily("gpt2_prefix_cache_evicted_blocks", "blocks evicted from the prefix cache",
-                                  value=st["evicted_blocks"])
-        yield GaugeMetricFamily("gpt2_prefix_cache_bytes", "prefix cache memory in use", value=st["bytes_in_use"])
-        yield GaugeMetricFamily("gpt2_prefix_cache_budget_bytes", "prefix cache budget (PREFIX_CACHE_MB)",
-                                value=st["budget_bytes"])
-
-
-class _SpeculationCollector(Collector):
-    """vLLM's spec_decode counters: draft tokens proposed and accepted (read at each scrape)."""
-
-    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
-        self.read = read
-
-    def collect(self) -> Iterator[Metric]:
-        st = self.read()
-        if st is None:
-            return
-        yield CounterMetricFamily("gpt2_spec_decode_num_draft_tokens", "tokens proposed by speculation and verified",
-                                  value=st["proposed_tokens"])
-        yield CounterMetricFamily("gpt2_spec_decode_num_accepted_tokens", "proposed tokens the model accepted",
-                                  value=st["accepted_tokens"])
-        yield CounterMetricFamily("gpt2_spec_decode_num_steps", "decode steps that verified proposals",
-                                  value=st["steps"])
+        for family, name, doc, key in self.families:
+            yield family(name, doc, value=st[key])

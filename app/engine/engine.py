@@ -443,7 +443,7 @@ class Engine:
         """(vectors (n, n_embd) float32, input tokens) of texts or token-id lists: the final hidden
         state pooled by EMBEDDING_POOLING and, with `unit`, scaled to unit L2 norm (vLLM's default).
         Each input must fit the model's context unless `truncate` keeps its last N tokens."""
-        if self.embedding is None or self._embed_run is None:
+        if self._embed_run is None:  # set with self.embedding
             raise EngineUnavailableError("no embedding model is loaded")
         limit = self.embedding.runner.n_positions
         prompts = []

@@ -287,6 +287,6 @@ class Speculator:
 
 
 def _eligible(seq: Any) -> bool:
-    """Rows that choose from the runner's top-N at temperature 1 (see the module's docstring)."""
-    sampler = seq.sampler
-    return not sampler.needs_logits and sampler.temperature == 1.0 and seq.constraint is None
+    """Rows that choose from the runner's top-N at temperature 1 (see the module's docstring; a
+    constrained row needs the logits)."""
+    return not seq.sampler.needs_logits and seq.sampler.temperature == 1.0
