@@ -59,7 +59,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         export_lock_stale_s=s.export_lock_stale_seconds, prefix_cache_bytes=s.prefix_cache_bytes,
         embedding_pooling=None if s.embedding_pooling == "off" else s.embedding_pooling,
         speculation=s.speculation, speculation_max_tokens=s.speculation_max_tokens,
-        speculation_ngram=s.speculation_ngram, draft_model_path=s.draft_model_path,
+        speculation_ngram=s.speculation_ngram, draft_model_path=s.draft_model_path, quant_kernel=s.quant_kernel,
     )
     engine.start()
     return engine

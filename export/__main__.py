@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from export.graphs import DEFAULT_OPSET
+from export.kernels import KERNELS
 from export.precision import PRECISIONS
 
 logger = logging.getLogger("export")
@@ -25,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="embed: a language model's final hidden states (the embeddings' graph)")
     p.add_argument("--out", required=True, type=Path, help="output folder for model.onnx + manifest.json")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="int8 / int4: block-quantized weights (MatMulNBits), for CPU; fp16: for CUDA")
+                   help="int8 / int4: quantized weights, for CPU (the kernel: --kernel); fp16: for CUDA")
+    p.add_argument("--kernel", default="auto",
+                   help="int8 / int4: the quantized MatMul kernel; auto (default) measures the candidates on "
+                        "this CPU and takes the fastest that passes the accuracy gates, or one of: "
+                        + ", ".join(KERNELS))
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check parity against PyTorch (default: on)")
     p.add_argument("--attention", choices=["standard", "gqa"], default="standard",
@@ -45,6 +50,11 @@ def _summary(m: dict) -> str:
             ("FastGelu / BiasGelu", f"{m['fused_ops']['FastGelu']} / {m['fused_ops']['BiasGelu']}"),
             ("GroupQueryAttention", m["fused_ops"].get("GroupQueryAttention", 0)),
             ("files", ", ".join(m["files"]))]
+    if m.get("kernel"):
+        k = m["kernel"]
+        rows.append(("kernel", f"{k['name']} ({k['chosen_by']} on {k['isa']}"
+                               + (f"; rejected {', '.join(r['name'] for r in k['rejected'])}" if k.get("rejected")
+                                  else "") + ")"))
     par = m.get("parity")
     if par:
         rows += [("parity", "PASSED" if par["passed"] else "FAILED"), ("provider", par["provider"]),
@@ -75,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = [args.provider] if args.provider else None
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, args.task, args.precision, args.verify, args.opset,
-                                     providers, args.attention)
+                                     providers, args.attention, args.kernel)
     except (CheckpointError, ExportError) as e:
         logger.error("%s", e)
         return 2

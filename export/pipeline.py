@@ -18,8 +18,9 @@ from export import storage
 from export.agreement import PPL_MARGIN, compare_perplexity, heldout_reference
 from export.fusion import check_fusion, fused_op_counts, prune_unused_optional_outputs
 from export.graphs import DEFAULT_OPSET, export_classification, export_embedding, export_generation
+from export.kernels import CANDIDATES, Kernel, rank
 from export.precision import PRECISIONS, to_fp16
-from export.quantize import BLOCK_CONFIGS, quantize_blockwise
+from export.quantize import quantize_blockwise
 from export.reference import reference
 from export.verify import Check, ParityError, compare
 
@@ -67,12 +68,14 @@ def export_checkpoint(
     opset: int = DEFAULT_OPSET,
     providers: list[str] | None = None,
     attention: str = "standard",
+    kernel: str = "auto",
 ) -> dict[str, Any]:
     """Export `checkpoint` into folder `out` and return the manifest written there.
 
     `attention` ("standard" or "gqa") picks the generation graph's signature (see
     `export.graphs`); classification and embedding graphs ignore it. `task="embed"` exports a
-    language model's trunk (`export.graphs.export_embedding`).
+    language model's trunk (`export.graphs.export_embedding`). `kernel` (int8, int4): "auto"
+    measures the candidate kernels on this CPU (`export.kernels`), or a kernel's name.
 
     Raises `ExportError` / `CheckpointError` (bad input) or `ParityError` (verification failed;
     the manifest is still written, with `parity.passed = false`).
@@ -103,7 +106,7 @@ def export_checkpoint(
     for stale in mf.model_files(out) + [mf.MANIFEST]:
         (out / stale).unlink(missing_ok=True)  # a half-replaced export must never look complete
 
-    quantized = ref = ppl_ref = None
+    ref = ppl_ref = None
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_name:
         # The trace is saved with external weights and every pass below reads the graph's
         # structure alone, weights staying on disk until needed (export.storage): no step
@@ -130,56 +133,36 @@ def export_checkpoint(
                         len(ref.scenarios), ref.nbytes / 1e6)
         del model
         gc.collect()
-        proto = storage.load_structure(fp32_path)
-        pruned = prune_unused_optional_outputs(proto)
-        logger.info("pruned %d unused optional outputs", pruned)
-        counts = check_fusion(proto, n_layer, attention if task == "generate" else "standard")
-        if precision == "fp16":
-            logger.info("converting to fp16")
-            onnx.external_data_helper.load_external_data_for_model(proto, str(tmp))
-            proto = to_fp16(proto)
-        elif precision in BLOCK_CONFIGS:
-            cfg = BLOCK_CONFIGS[precision]
-            logger.info("block-quantizing weights to %d bits (MatMulNBits, block %d)", cfg.bits, cfg.block_size)
-            quantized = quantize_blockwise(proto, tmp, cfg) | {"bits": cfg.bits, "block_size": cfg.block_size,
-                                                                "symmetric": cfg.symmetric,
-                                                                "accuracy_level": cfg.accuracy_level}
-            counts = fused_op_counts(proto)
-        storage.save(proto, tmp, target)
-
-    manifest: dict[str, Any] = {
-        "format_version": mf.FORMAT_VERSION,
-        "task": task,
-        "precision": precision,
-        "attention": attention if task == "generate" else None,
-        "opset": opset,
-        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": mf.checkpoint_sha256(checkpoint)},
-        "model": {"architectures": config.architectures, "n_layer": n_layer, "n_head": config.n_head,
-                  "n_embd": config.n_embd, "vocab_size": config.vocab_size,
-                  "n_positions": config.n_positions, "num_labels": config.num_labels if is_classifier
-                  else None},
-        **_io_spec(proto),
-        "fused_ops": counts,
-        "quantization": quantized,
-        "expected_skip_layer_norm": 2 * n_layer + 1,
-        "files": {name: mf.file_sha256(out / name) for name in mf.model_files(out)},
-        "versions": mf.tool_versions(),
-        "export_seconds": round(time.perf_counter() - t0, 2),
-        "parity": None,
-    }
-    report = None
-    if ref is not None:
-        logger.info("verifying parity against PyTorch (%s)", precision)
-        report = compare(ref, target, precision, providers)
-        ppl = None
-        if ppl_ref is not None:
-            gc.collect()  # verify's session, before the next one
-            logger.info("held-out perplexity against PyTorch (%s)", precision)
-            ppl = compare_perplexity(ppl_ref, target, precision, providers)
-            report.checks.append(Check("held-out text", "perplexity ratio - 1", max(0.0, ppl["ratio"] - 1),
-                                       ppl["margin"]))
-        manifest["parity"] = report.to_dict() | {"perplexity": ppl}
-        manifest["parity"].pop("checks")  # per-scenario detail stays in the CLI output
+        # A quantized precision tries its kernels fastest first on this CPU (export.kernels) and
+        # serves the first that passes the accuracy gates; the others have one candidate (None).
+        candidates: list[Kernel | None] = [None]
+        choice: dict[str, Any] | None = None
+        if precision in CANDIDATES:
+            try:
+                ranked, choice = rank(precision, config.n_embd, kernel)
+            except ValueError as e:
+                raise ExportError(str(e)) from e
+            candidates, choice["rejected"] = list(ranked), []
+        about = {"format_version": mf.FORMAT_VERSION, "task": task, "precision": precision,
+                 "attention": attention if task == "generate" else None, "opset": opset,
+                 "checkpoint": {"path": str(checkpoint.resolve()), "sha256": mf.checkpoint_sha256(checkpoint)},
+                 "model": {"architectures": config.architectures, "n_layer": n_layer, "n_head": config.n_head,
+                           "n_embd": config.n_embd, "vocab_size": config.vocab_size,
+                           "n_positions": config.n_positions,
+                           "num_labels": config.num_labels if is_classifier else None},
+                 "expected_skip_layer_norm": 2 * n_layer + 1, "versions": mf.tool_versions()}
+        for attempt, kern in enumerate(candidates):
+            manifest, report = _convert_and_verify(fp32_path, target, task, precision, attention, n_layer, kern,
+                                                   ref, ppl_ref, providers)
+            manifest |= about | {"export_seconds": round(time.perf_counter() - t0, 2)}
+            if choice is None or kern is None:
+                break
+            manifest["kernel"] = choice | {"name": kern.name}
+            if report is None or report.passed or attempt == len(candidates) - 1:
+                break
+            choice["rejected"].append({"name": kern.name, "failures": report.failures()})
+            logger.warning("kernel %s failed the accuracy gates (%s); trying %s", kern.name,
+                           "; ".join(report.failures()), candidates[attempt + 1].name)
     mf.write_json_atomic(out / mf.MANIFEST, manifest)
     if report is not None and not report.passed:
         raise ParityError("; ".join(report.failures()))
@@ -187,3 +170,49 @@ def export_checkpoint(
                 time.perf_counter() - t0, peak_rss_gib())
     return manifest
 
+
+def _convert_and_verify(fp32_path: Path, target: Path, task: str, precision: str, attention: str, n_layer: int,
+                        kern: Kernel | None, ref: Any, ppl_ref: Any,
+                        providers: list[str] | None) -> tuple[dict[str, Any], Any]:
+    """The fp32 trace at `fp32_path` -> `target` at `precision` (with `kern`'s weights when
+    quantized), then the parity and held-out checks against PyTorch's answers (`ref`, `ppl_ref`;
+    None: not verified). Returns the manifest's graph, file and parity parts, and the report."""
+    out = target.parent
+    for stale in mf.model_files(out):
+        (out / stale).unlink()
+    tmp = fp32_path.parent
+    proto = storage.load_structure(fp32_path)
+    pruned = prune_unused_optional_outputs(proto)
+    logger.info("pruned %d unused optional outputs", pruned)
+    counts = check_fusion(proto, n_layer, attention if task == "generate" else "standard")
+    quantized = None
+    if precision == "fp16":
+        logger.info("converting to fp16")
+        onnx.external_data_helper.load_external_data_for_model(proto, str(tmp))
+        proto = to_fp16(proto)
+    elif kern is not None:
+        cfg = kern.block
+        logger.info("quantizing weights with kernel %s (%d bits)", kern.name, cfg.bits)
+        quantized = quantize_blockwise(proto, tmp, cfg, kern.scheme) | {
+            "kernel": kern.name, "scheme": kern.scheme, "bits": cfg.bits, "block_size": cfg.block_size,
+            "symmetric": cfg.symmetric, "accuracy_level": cfg.accuracy_level}
+        counts = fused_op_counts(proto)
+    storage.save(proto, tmp, target)
+    manifest: dict[str, Any] = {**_io_spec(proto), "fused_ops": counts, "quantization": quantized,
+                                "files": {name: mf.file_sha256(out / name) for name in mf.model_files(out)},
+                                "parity": None}
+    del proto
+    if ref is None:
+        return manifest, None
+    logger.info("verifying parity against PyTorch (%s%s)", precision, f", {kern.name}" if kern else "")
+    report = compare(ref, target, precision, providers)
+    ppl = None
+    if ppl_ref is not None:
+        gc.collect()  # verify's session, before the next one
+        logger.info("held-out perplexity against PyTorch (%s)", precision)
+        ppl = compare_perplexity(ppl_ref, target, precision, providers)
+        report.checks.append(Check("held-out text", "perplexity ratio - 1", max(0.0, ppl["ratio"] - 1),
+                                   ppl["margin"]))
+    manifest["parity"] = report.to_dict() | {"perplexity": ppl}
+    manifest["parity"].pop("checks")  # per-scenario detail stays in the CLI output
+    return manifest, report

@@ -3,11 +3,11 @@
 fp16 (for CUDA): weights and activations in half precision. The KV cache inputs and outputs
 become fp16 too (half the memory traffic per step); `logits` stays fp32 so sampling sees full
 precision. SkipLayerNormalization and Softmax accumulate in fp32 inside ONNX Runtime's kernels.
-int8 and int4 (for CPU) are block-quantized weights (`export.quantize`: MatMulNBits, the LM
-head and the embedding included). `to_int8_dynamic` is the int8 this project served before
-(ONNX Runtime's dynamic quantization: per-channel int8 MatMul weights, activations quantized
-per call; the LM head quantized, the embedding not); it is kept for the benchmarks that compare
-the two (BENCHMARKS.md), not served.
+int8 and int4 (for CPU) are quantized weights (`export.quantize`, the LM head and the embedding
+included), in the kernel `export.kernels` measures fastest on the exporting CPU. `to_int8_dynamic`
+is ONNX Runtime's own dynamic quantization of a whole model in memory (the LM head quantized,
+the embedding not); it is kept for the benchmarks that compare it (BENCHMARKS.md), not served:
+the served `dynamic8` kernel writes the same kind of per-column weights one tensor at a time.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ over the same kind of blocks (a row of `wte` is a column of the head's B), so th
 embedding parameters of GPT-2 are stored at `bits` too. The position embedding, LayerNorms,
 biases and attention stay fp32.
 
+The "dynamic" scheme (int8 only) makes each such MatMul a `com.microsoft.DynamicQuantizeMatMul`
+instead: int8 weights with one scale per output column, the activations quantized to uint8 at
+each call, MLAS's integer GEMM (`export.kernels` chooses between the schemes per CPU). The token
+embedding is the same `GatherBlockQuantized` in both.
+
 The weights are packed with ONNX Runtime's own kernels (`quantize_matmul_8bits` /
 `quantize_matmul_4bits`, what its `MatMulNBitsQuantizer` calls), one tensor at a time: each
 fp32 weight is read as a memory map of the trace's data file and the packed result is appended
@@ -35,18 +40,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """How a precision's weights are blocked; see `BLOCK_CONFIGS` for the measured choices."""
+    """How a precision's weights are blocked; `export.kernels.CANDIDATES` lists the ones tried."""
 
     bits: int
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations and int8 dot products on CPU
 
-
-# int8: symmetric blocks of 32 (llama.cpp's q8_0). int4: blocks of 32 with a zero point per
-# block (asymmetric: q4_1's form; see BENCHMARKS.md for the measured accuracy against
-# symmetric q4_0-style blocks).
-BLOCK_CONFIGS = {"int8": BlockConfig(bits=8), "int4": BlockConfig(bits=4, symmetric=False)}
 
 
 def pack_blocks(b: np.ndarray, cfg: BlockConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -72,6 +72,18 @@ def pack_blocks(b: np.ndarray, cfg: BlockConfig) -> tuple[np.ndarray, np.ndarray
     return packed, scales, None if cfg.symmetric else zero_points
 
 
+def quantize_per_channel(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """B (K, N) fp32 -> (int8 B, one fp32 scale per column N): symmetric, the largest |weight| of
+    a column at 127, what `DynamicQuantizeMatMul` multiplies with (its activations quantized per
+    call). An all-zero column gets scale 1."""
+    if b.ndim != 2:
+        raise ValueError(f"per-channel quantization needs a 2-D weight, got shape {b.shape}")
+    scale = np.abs(b).max(axis=0).astype(np.float32) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(b / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int,
                       cfg: BlockConfig) -> np.ndarray:
     """The fp32 B (K, N) that MatMulNBits computes with: the inverse of `pack_blocks` (tests)."""
@@ -95,8 +107,9 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 class _Quantizer:
-    def __init__(self, model: onnx.ModelProto, src_dir: Path, writer: storage.DataWriter, cfg: BlockConfig) -> None:
-        self.model, self.src_dir, self.w, self.cfg = model, src_dir, writer, cfg
+    def __init__(self, model: onnx.ModelProto, src_dir: Path, writer: storage.DataWriter, cfg: BlockConfig,
+                 scheme: str = "nbits") -> None:
+        self.model, self.src_dir, self.w, self.cfg, self.scheme = model, src_dir, writer, cfg, scheme
         self.inits = {t.name: t for t in model.graph.initializer}
         self.new_inits: list[TensorProto] = []
         self.quantized_params = 0
@@ -129,8 +142,16 @@ class _Quantizer:
         return names
 
     def matmul(self, node: onnx.NodeProto, b: np.ndarray, b_name: str, a: str) -> onnx.NodeProto:
-        """MatMulNBits(a, B) with B (K, N) fp32; same output name as `node`."""
+        """MatMulNBits(a, B) (or DynamicQuantizeMatMul, scheme "dynamic") with B (K, N) fp32; same
+        output name as `node`."""
         k, n = b.shape
+        if self.scheme == "dynamic":
+            q, scale = quantize_per_channel(b)
+            names = [f"{b_name}_Q8c", f"{b_name}_col_scales"]
+            self.new_inits += [self.w.put(names[0], q), self.w.put(names[1], scale)]
+            self.quantized_params += k * n
+            return helper.make_node("DynamicQuantizeMatMul", [a, *names], list(node.output),
+                                    name=node.name + "_dq", domain=CONTRIB_DOMAIN)
         packed, scales, zp = pack_blocks(b, self.cfg)
         names = self._emit(b_name, packed, scales, zp)
         self.quantized_params += k * n
@@ -201,14 +222,55 @@ class _Quantizer:
         return None
 
 
-def quantize_blockwise(model: onnx.ModelProto, src_dir: Path, cfg: BlockConfig) -> dict[str, int]:
+def _fold_bias(model: onnx.ModelProto) -> int:
+    """`Add(DynamicQuantizeMatMul(x, B, scale), bias)` -> `DynamicQuantizeMatMul(x, B, scale, , bias)`
+    where the Add is the product's only reader and `bias` a constant (N,) vector: ONNX Runtime
+    folds such a bias into `MatMulNBits` or the next SkipLayerNormalization at load, not into this
+    op, and the lone Adds (after c_attn and both c_proj; c_fc's bias is FastGelu's) cost 3% of a
+    one-row decode step (`bench.decode_profile`, 124M shape). Returns how many were folded."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    drop, folded = set(), 0
+    for n in g.node:
+        if n.op_type != "DynamicQuantizeMatMul" or len(n.input) != 3 or n.output[0] in outputs:
+            continue
+        users = readers.get(n.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add" or users[0].domain not in ("", "ai.onnx"):
+            continue
+        add = users[0]
+        bias = next((inits.get(i) for i in add.input if i != n.output[0]), None)
+        n_cols = inits[n.input[2]].dims  # the per-column scales: (N,)
+        if (bias is None or bias.data_type != TensorProto.FLOAT or list(bias.dims) != list(n_cols)
+                or list(add.input).count(n.output[0]) != 1):
+            continue
+        n.input.extend(["", bias.name])
+        n.output[0] = add.output[0]
+        drop.add(id(add))
+        folded += 1
+    kept = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(kept)
+    return folded
+
+
+def quantize_blockwise(model: onnx.ModelProto, src_dir: Path, cfg: BlockConfig,
+                       scheme: str = "nbits") -> dict[str, int]:
     """Rewrite `model` (structure only, weights external in `src_dir`) in place with
     block-quantized weights, written to a new data file in `src_dir`; `storage.save` then
-    writes the export. Returns counts of what was rewritten."""
+    writes the export. Returns counts of what was rewritten. `scheme` "dynamic": the MatMuls
+    become `DynamicQuantizeMatMul` over per-column int8 weights instead (`cfg` still blocks the
+    token embedding's `GatherBlockQuantized`)."""
+    if scheme not in ("nbits", "dynamic") or (scheme == "dynamic" and cfg.bits != 8):
+        raise ValueError(f"unknown quantization scheme {scheme!r} at {cfg.bits} bits")
     strip_initializer_value_info(model)
     with storage.DataWriter(src_dir / "blockq.onnx") as writer:
-        q = _Quantizer(model, src_dir, writer, cfg)
-        nodes, counts = [], {"MatMulNBits": 0, "GatherBlockQuantized": 0}
+        q = _Quantizer(model, src_dir, writer, cfg, scheme)
+        nodes, counts = [], {"MatMulNBits": 0, "DynamicQuantizeMatMul": 0, "GatherBlockQuantized": 0}
         for node in model.graph.node:
             new = q.rewrite(node)
             if new is not None:
@@ -221,9 +283,12 @@ def quantize_blockwise(model: onnx.ModelProto, src_dir: Path, cfg: BlockConfig) 
         kept = [writer.copy(t, src_dir) for t in model.graph.initializer if t.name in used]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept + q.new_inits)
+    if scheme == "dynamic":
+        counts["bias_folded"] = _fold_bias(model)
     if all(o.domain != CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     counts["quantized_params"] = q.quantized_params
-    logger.info("block-quantized %d MatMul and %d Gather weights (%d parameters) to %d bits, block %d",
-                counts["MatMulNBits"], counts["GatherBlockQuantized"], q.quantized_params, cfg.bits, cfg.block_size)
+    logger.info("quantized %d MatMul (%s) and %d Gather weights (%d parameters) to %d bits, block %d",
+                counts["MatMulNBits"] + counts["DynamicQuantizeMatMul"], scheme, counts["GatherBlockQuantized"],
+                q.quantized_params, cfg.bits, cfg.block_size)
     return counts

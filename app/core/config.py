@@ -24,8 +24,13 @@ class Settings(BaseSettings):
     backend: Literal["auto", "onnxruntime", "torch"] = "auto"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "int8", "int4"] = Field(
-        "auto", description="auto: fp16 on CUDA, fp32 on CPU (as TGI and vLLM); int8 / int4: block-quantized "
-                            "weights (MatMulNBits) for CPU; an explicit value is obeyed")
+        "auto", description="auto: fp16 on CUDA, fp32 on CPU (as TGI and vLLM); int8 / int4: quantized weights for "
+                            "CPU, the kernel measured for this CPU (QUANT_KERNEL); an explicit value is obeyed")
+    # export.kernels.KERNELS' names (a test keeps the two equal; the config does not import the exporter)
+    quant_kernel: Literal["auto", "nbits8-b32", "nbits8-b128", "nbits8-b256", "dynamic8", "nbits4-b32-zp",
+                          "nbits4-b128-zp", "nbits4-b256-zp", "nbits4-b32"] = Field(
+        "auto", description="int8 / int4: auto measures the candidate kernels on this CPU at export and serves the "
+                            "fastest that passes the accuracy gates; a name forces that kernel")
     onnx_cache_dir: Path = Field(Path(".onnx_cache"), description="exports are made once and reused from here")
     retry_failed_export: bool = Field(False, description="re-run an export that already failed with the same "
                                                          "checkpoint, options and exporter version")
@@ -115,6 +120,11 @@ class Settings(BaseSettings):
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(f"MAX_INPUT_TOKENS ({self.max_input_tokens}) must be < MAX_TOTAL_TOKENS "
                              f"({self.max_total_tokens})")
+        if self.quant_kernel != "auto" and not self.quant_kernel.startswith(
+                {"int8": "nbits8-", "int4": "nbits4-"}.get(self.precision, "-")) and not (
+                self.precision == "int8" and self.quant_kernel == "dynamic8"):
+            raise ValueError(f"QUANT_KERNEL={self.quant_kernel} does not apply to PRECISION={self.precision}; it "
+                             f"names an {'int8' if '8' in self.quant_kernel else 'int4'} kernel")
         if self.max_pending_body_bytes < self.max_body_bytes:
             raise ValueError(f"MAX_PENDING_BODY_BYTES ({self.max_pending_body_bytes}) must be >= MAX_BODY_BYTES "
                              f"({self.max_body_bytes})")

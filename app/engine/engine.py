@@ -503,7 +503,7 @@ class Engine:
             out = {"model_path": str(lo.checkpoint), "backend": lo.backend, "device": lo.device,
                    "precision": lo.precision, "onnx_path": str(lo.onnx_path) if lo.onnx_path else None,
                    "fallback_reason": lo.fallback_reason, "export_cache_hit": lo.cache_hit,
-                   "attention": lo.attention}
+                   "attention": lo.attention, "quantization": lo.quantization}
             if lo.task == "generate":
                 out["prefix_caching"] = self.prefix_info()
                 out["structured_outputs"] = {"engine": llguidance_version(), "compiled": self.grammars.compiled,

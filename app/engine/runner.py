@@ -495,3 +495,4 @@ class Loaded:
     fallback_reason: str | None = None
     cache_hit: bool | None = None
     attention: str | None = None  # generation graph signature: "gqa" | "standard"
+    quantization: dict[str, Any] | None = None  # int8 / int4: the kernel served and how it was chosen

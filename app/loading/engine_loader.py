@@ -22,13 +22,15 @@ def load_engine(model_path: Path | None, classifier_path: Path | None = None, ba
                 score_chunk_tokens: int = 128, cuda_graphs: str = "auto", retry_failed_export: bool = False,
                 export_lock_stale_s: float = 30.0, prefix_cache_bytes: int = 0,
                 embedding_pooling: str | None = None, speculation: str = "off", speculation_max_tokens: int = 4,
-                speculation_ngram: int = 3, draft_model_path: Path | None = None) -> Engine:
+                speculation_ngram: int = 3, draft_model_path: Path | None = None,
+                quant_kernel: str = "auto") -> Engine:
     """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export.
     `prefix_cache_bytes`: the generation runner's prefix cache budget (0: off). `embedding_pooling`
-    ("last" or "mean"): also load the embedding graph of `model_path` (`/v1/embeddings`); None: not."""
+    ("last" or "mean"): also load the embedding graph of `model_path` (`/v1/embeddings`); None: not.
+    `quant_kernel`: int8 / int4's kernel (QUANT_KERNEL)."""
     kw = dict(backend=backend, device=device, precision=precision, cache_dir=cache_dir, num_threads=num_threads,
               cancel=cancel, max_batch_size=max_batch_size, cuda_graphs=cuda_graphs,
-              retry_failed_export=retry_failed_export, lock_stale_s=export_lock_stale_s)
+              retry_failed_export=retry_failed_export, lock_stale_s=export_lock_stale_s, quant_kernel=quant_kernel)
     gen = load("generate", model_path, prefix_cache_bytes=prefix_cache_bytes, **kw) if model_path else None
     clf = load("classify", classifier_path, **kw) if classifier_path else None
     emb = load("embed", model_path, **kw) if model_path and embedding_pooling else None

@@ -75,10 +75,25 @@ def attention_for(task: str, device: str, precision: str = "fp32") -> str:
     return "gqa" if device == "cpu" or precision == "fp16" else "standard"
 
 
-def cache_key(sha: str, task: str, precision: str, attention: str = "standard") -> str:
+QUANTIZED = ("int8", "int4")
+
+
+def kernel_tag(precision: str, kernel: str = "auto") -> str:
+    """The cache key's kernel word of a quantized precision: the instruction-set level the kernel
+    was measured on (auto: `export.kernels.isa_tag`), or the forced kernel's name; "" otherwise.
+    A cache shared by hosts of different CPUs then holds one measured choice per level."""
+    if precision not in QUANTIZED:
+        return ""
+    from export.kernels import isa_tag
+
+    return f"-{isa_tag()}" if kernel == "auto" else f"-{kernel}"
+
+
+def cache_key(sha: str, task: str, precision: str, attention: str = "standard", kernel: str = "auto") -> str:
     """The cache folder name for a checkpoint (by its `checkpoint_sha256`) and the export options."""
     kind = f"-{attention}" if task == "generate" else ""
-    return f"{task}-{precision}{kind}-opset{mf.DEFAULT_OPSET}-v{mf.FORMAT_VERSION}-{sha[:20]}"
+    return (f"{task}-{precision}{kernel_tag(precision, kernel)}{kind}-opset{mf.DEFAULT_OPSET}"
+            f"-v{mf.FORMAT_VERSION}-{sha[:20]}")
 
 
 def _valid(folder: Path, sha: str) -> str | None:
@@ -89,6 +104,12 @@ def _valid(folder: Path, sha: str) -> str | None:
         return str(e)
     if m.get("checkpoint", {}).get("sha256") != sha:
         return "checkpoint hash differs"
+    chosen = m.get("kernel") or {}
+    if chosen.get("chosen_by") == "measured":
+        from export.kernels import isa_tag
+
+        if chosen.get("isa") != isa_tag():  # a cache folder copied from another kind of CPU
+            return f"its kernel {chosen.get('name')} was measured on {chosen.get('isa')}, this CPU is {isa_tag()}"
     if not (m.get("parity") or {}).get("passed"):
         return "parity was not verified or failed"
     bad = mf.verify_files(folder, m)
@@ -141,7 +162,7 @@ def failure_report_path(export_dir: Path) -> Path:
 def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, device: str = "cpu",
                   cancel: threading.Event | None = None, retry_failed: bool = False,
                   attention: str | None = None,
-                  lock_stale_s: float = export_lock.STALE_AFTER_S) -> tuple[Path, bool]:
+                  lock_stale_s: float = export_lock.STALE_AFTER_S, kernel: str = "auto") -> tuple[Path, bool]:
     """(path of a verified `model.onnx` for the checkpoint, whether the cache already had it),
     exporting it if the cache has none. One process exports an entry at a time; the others wait
     for it and use its export (`export_lock`, EXPORT_LOCK_STALE_SECONDS). An export that already
@@ -150,7 +171,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
     a failing export does not run it again."""
     sha = mf.checkpoint_sha256(checkpoint)  # hashes every weight file: once per start
     attention = attention or attention_for(task, device, precision)
-    final = cache_dir / cache_key(sha, task, precision, attention)
+    final = cache_dir / cache_key(sha, task, precision, attention, kernel)
     if final.exists():
         why = _valid(final, sha)
         if why is None:
@@ -190,7 +211,7 @@ def ensure_export(checkpoint: Path, task: str, precision: str, cache_dir: Path, 
                                     failed.get("manifest"))
         logger.info("exporting %s (%s, %s) to the cache; first start only", checkpoint, task, precision)
         try:
-            _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention)
+            _export_subprocess(checkpoint, tmp, task, precision, device, cancel, attention, kernel)
         except TransientExportError as e:
             logger.debug("the export's output:\n%s", e.output)
             raise  # not remembered: the next start tries again
@@ -281,13 +302,16 @@ def _transient_cause(returncode: int, output: str, cache_dir: Path) -> str | Non
 
 
 def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, device: str,
-                       cancel: threading.Event | None = None, attention: str = "standard") -> None:
+                       cancel: threading.Event | None = None, attention: str = "standard",
+                       kernel: str = "auto") -> None:
     """Run `python -m export` in a child process: torch and the tracer's memory stay out of the
     server process, and the tracer never shares the interpreter with the event loop's threads.
     Setting `cancel` stops the child (a shutdown during a first-start export)."""
     # `python -m export` that the kernel kills if this process dies (export_child: PR_SET_PDEATHSIG)
     cmd = [sys.executable, "-m", "app.loading.export_child", "--checkpoint", str(checkpoint), "--task", task,
            "--out", str(out), "--precision", precision, "--attention", attention]
+    if precision in QUANTIZED:
+        cmd += ["--kernel", kernel]
     if device == "cuda":
         cmd += ["--provider", "CUDAExecutionProvider"]
     with tempfile.TemporaryFile() as log:  # stdout (the summary table) and stderr, interleaved
@@ -317,14 +341,14 @@ def _export_subprocess(checkpoint: Path, out: Path, task: str, precision: str, d
 def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: Path, num_threads: int | None,
               cancel: threading.Event | None, max_batch_size: int, cuda_graphs: str, retry_failed: bool,
               lock_stale_s: float, prefix_cache_bytes: int = 0,
-              session_config: dict[str, str] | None = None) -> Loaded:
+              session_config: dict[str, str] | None = None, quant_kernel: str = "auto") -> Loaded:
     from app.engine.ort_runner import OrtClassificationRunner, OrtEmbeddingRunner, OrtGenerationRunner, OrtSlotRunner
 
     attention = attention_for(task, dev, precision)
     note = None
     try:
         path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
-                                        lock_stale_s)
+                                        lock_stale_s, quant_kernel)
     except ExportFailedError as e:
         if isinstance(e, TransientExportError) or not (dev == "cuda" and attention == "gqa") or cuda_graphs == "on":
             raise
@@ -333,7 +357,7 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
         logger.warning("%s", note)
         attention = "standard"
         path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
-                                        lock_stale_s)
+                                        lock_stale_s, quant_kernel)
     n_positions = _context_length(path)
     if task == "embed":
         runner = OrtEmbeddingRunner(path, dev, num_threads, n_positions=n_positions)
@@ -357,7 +381,19 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
     else:
         runner = OrtGenerationRunner(path, dev, num_threads, n_positions=n_positions)
     return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, note, cache_hit,
-                  attention if task == "generate" else None)
+                  attention if task == "generate" else None, _kernel_info(path))
+
+
+def _kernel_info(onnx_path: Path) -> dict[str, Any] | None:
+    """/info's `quantization`: the kernel a quantized export serves, how it was chosen, on what CPU."""
+    m = mf.read_manifest(onnx_path.parent)
+    q, k = m.get("quantization"), m.get("kernel") or {}
+    if not q:
+        return None
+    return {"kernel": q.get("kernel"), "scheme": q.get("scheme"), "bits": q.get("bits"),
+            "block_size": q.get("block_size"), "chosen_by": k.get("chosen_by"), "isa": k.get("isa"),
+            "cpu_flags": k.get("cpu_flags"), "score": k.get("score"),
+            "rejected": [r["name"] for r in k.get("rejected") or []]}
 
 
 def _context_length(onnx_path: Path) -> int:
@@ -368,14 +404,16 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
          cache_dir: Path = Path(".onnx_cache"), num_threads: int | None = None,
          cancel: threading.Event | None = None, max_batch_size: int = 32, cuda_graphs: str = "auto",
          retry_failed_export: bool = False, lock_stale_s: float = export_lock.STALE_AFTER_S,
-         prefix_cache_bytes: int = 0, session_config: dict[str, str] | None = None) -> Loaded:
+         prefix_cache_bytes: int = 0, session_config: dict[str, str] | None = None,
+         quant_kernel: str = "auto") -> Loaded:
     """Build the runner for `task` ("generate", "classify", or "embed": the embedding graph of a
     language model's checkpoint) following BACKEND/DEVICE/PRECISION.
     `max_batch_size` sizes the fixed KV buffers of the CUDA runner; `cuda_graphs` (auto/on/off)
     is whether it captures its decode steps (`OrtFixedRunner.capture`, at the engine's warm-up);
     `retry_failed_export` re-runs an export that failed before (`export_memory`); `lock_stale_s`:
     when another process's export lock counts as dead (`export_lock`); `prefix_cache_bytes`: the
-    prefix cache budget of a generation runner that has one (`app.engine.prefix_cache`; 0: off)."""
+    prefix cache budget of a generation runner that has one (`app.engine.prefix_cache`; 0: off);
+    `quant_kernel`: int8 / int4's kernel (`export.kernels`; auto: measured on this CPU)."""
     checkpoint = Path(checkpoint)
     dev = resolve_device(device, backend)
     precision = resolve_precision(precision, dev)
@@ -391,7 +429,8 @@ def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto
                 raise SettingRefusedError(f"CUDA_GRAPHS=on needs DEVICE=cuda and PRECISION=fp16 "
                                           f"(this start resolved to {dev}, {precision})")
             return _load_ort(task, checkpoint, dev, precision, cache_dir, num_threads, cancel, max_batch_size,
-                             cuda_graphs, retry_failed_export, lock_stale_s, prefix_cache_bytes, session_config)
+                             cuda_graphs, retry_failed_export, lock_stale_s, prefix_cache_bytes, session_config,
+                             quant_kernel)
         except (LoadCancelledError, SettingRefusedError):
             raise
         except Exception as e:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from export.fusion import FusionError, check_fusion, op_counts, selection_nodes, untie_gemm_weights
+from export.kernels import CANDIDATES, KERNELS, cpu_flags, isa_tag
 from export.manifest import checkpoint_sha256, read_manifest, verify_files
 from export.pipeline import ExportError, export_checkpoint
 from export.verify import TOP1_FLOOR, verify
@@ -255,14 +256,16 @@ def test_fp16_classifier_is_a_valid_graph_and_agrees(tmp_path, tiny_classifier_d
     assert manifest["parity"]["passed"] and 0 < manifest["parity"]["max_logit_error"] < 1e-2
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_block_quantized_export_covers_head_and_embedding(tmp_path, tiny_lm_dir, precision) -> None:
-    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision=precision)
+@pytest.mark.parametrize(("precision", "kernel"), [("int8", "nbits8-b32"), ("int8", "dynamic8"),
+                                                   ("int4", "nbits4-b32-zp")])
+def test_quantized_export_covers_head_and_embedding(tmp_path, tiny_lm_dir, precision, kernel) -> None:
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision=precision, kernel=kernel)
     proto = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     counts = op_counts(proto)
-    # 4 weight MatMuls per layer + the tied LM head, all MatMulNBits; attention's two stay fp32;
+    # 4 weight MatMuls per layer + the tied LM head, all quantized; attention's two stay fp32;
     # the token embedding is a GatherBlockQuantized (the position table stays a Gather).
-    assert counts["MatMulNBits"] == 4 * 2 + 1 and counts["Gemm"] == 0
+    op = "DynamicQuantizeMatMul" if kernel == "dynamic8" else "MatMulNBits"
+    assert counts[op] == 4 * 2 + 1 and counts["Gemm"] == 0 and manifest["quantization"][op] == 9
     assert counts["GatherBlockQuantized"] == 1 and counts["Gather"] >= 1
     bits = {8: 0, 4: 0}
     for n in proto.graph.node:
@@ -270,7 +273,19 @@ def test_block_quantized_export_covers_head_and_embedding(tmp_path, tiny_lm_dir,
             a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
             bits[a["bits"]] += 1
             assert a["block_size"] == 32 and a["accuracy_level"] == 4
-    assert bits[int(precision[3:])] == 9
+    assert bits[int(precision[3:])] == (0 if kernel == "dynamic8" else 9)
+    if kernel == "dynamic8":  # int8 weights, one scale per output column
+        inits = {i.name: i for i in proto.graph.initializer}
+        for n in (n for n in proto.graph.node if n.op_type == "DynamicQuantizeMatMul"):
+            q, scale = inits[n.input[1]], inits[n.input[2]]
+            assert q.data_type == onnx.TensorProto.INT8 and list(scale.dims) == [q.dims[1]]
+        # the biases after c_attn and both c_proj are the op's own input (no Add left after it); c_fc's
+        # is FastGelu's and the head has none: 3 per layer
+        biased = [n for n in proto.graph.node if n.op_type == "DynamicQuantizeMatMul" and len(n.input) == 5]
+        assert len(biased) == manifest["quantization"]["bias_folded"] == 3 * 2 and all(n.input[3] == "" for n in biased)
+        made = {n.output[0]: n.op_type for n in proto.graph.node}
+        assert not [n for n in proto.graph.node if n.op_type == "Add"
+                    and any(made.get(i) == "DynamicQuantizeMatMul" for i in n.input)]
     # The selection's sum over the vocabulary (a MatMul with a ones vector) stays fp32.
     assert [n.op_type for n in selection_nodes(proto)[1]].count("MatMul") == 1
     assert counts["SkipLayerNormalization"] == 5
@@ -280,8 +295,50 @@ def test_block_quantized_export_covers_head_and_embedding(tmp_path, tiny_lm_dir,
     assert par["max_logit_error"] > 0
     ppl = par["perplexity"]
     assert ppl["passed"] and ppl["tokens"] > 0 and abs(ppl["ratio"] - 1) <= ppl["margin"]
-    assert manifest["quantization"]["bits"] == int(precision[3:])
+    assert manifest["quantization"]["bits"] == int(precision[3:]) and manifest["quantization"]["kernel"] == kernel
+    assert manifest["kernel"]["name"] == kernel and manifest["kernel"]["chosen_by"] == "setting"
     assert manifest["files"].keys() == {"model.onnx", "model.onnx.data"}
+
+
+def test_auto_kernel_is_measured_on_this_cpu_and_recorded(tmp_path, tiny_lm_dir) -> None:
+    """PRECISION=int8 with the kernel measured: every candidate timed, the fastest that passes
+    served, the CPU it was measured on in the manifest."""
+    manifest = export_checkpoint(tiny_lm_dir, tmp_path, "generate", precision="int8")
+    k = manifest["kernel"]
+    assert k["chosen_by"] == "measured" and k["isa"] == isa_tag() and k["cpu_flags"] == cpu_flags()
+    assert k["timings_ms"].keys() == {c.name for c in CANDIDATES["int8"]}
+    passed_over = [r["name"] for r in k["rejected"]]
+    ranked = sorted(k["score"], key=k["score"].get)
+    assert k["name"] == ranked[len(passed_over)] and passed_over == ranked[:len(passed_over)]
+    assert manifest["quantization"]["kernel"] == k["name"] and manifest["parity"]["passed"]
+
+
+def test_a_kernel_that_fails_the_gates_is_passed_over(tmp_path, monkeypatch) -> None:
+    """The next candidate is tried when one fails the accuracy gates. Here every weight's first
+    input row is an outlier (30 standard deviations): a 4-bit block of 128 spans a whole column
+    of this 128-wide model, so its other weights round to a level or two (top-1 0.0 under int8's
+    floor); 8-bit blocks of 32 confine the outlier to one block (top-1 1.0). The order is forced,
+    the quantization and the gates are real."""
+    from safetensors.torch import load_file, save_file
+
+    import export.pipeline as pipeline
+
+    ckpt = make_hf_checkpoint(tmp_path / "ckpt", "generate", seed=5, n_embd=128, n_head=4, n_layer=1)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for name, w in weights.items():
+        if w.ndim == 2 and ("attn" in name or "mlp" in name):
+            w[0, :] = 30 * w.std()  # Conv1D weights are (in, out): row 0 is input 0 of every column
+        elif name.endswith("wte.weight"):
+            w[:, 0] = 30 * w.std()  # the tied head's B is wte^T: its row 0
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    order = [KERNELS["nbits4-b128-zp"], KERNELS["nbits8-b32"]]
+    monkeypatch.setattr(pipeline, "rank", lambda precision, n_embd, kernel: (order, {"chosen_by": "measured",
+                                                                                       "isa": isa_tag()}))
+    manifest = export_checkpoint(ckpt, tmp_path / "out", "generate", precision="int8")
+    rejected = manifest["kernel"]["rejected"]
+    assert [r["name"] for r in rejected] == ["nbits4-b128-zp"] and "top-1 agreement" in rejected[0]["failures"][0]
+    assert manifest["kernel"]["name"] == manifest["quantization"]["kernel"] == "nbits8-b32"
+    assert manifest["parity"]["passed"] and manifest["quantization"]["bits"] == 8
 
 
 def test_untie_gemm_leaves_the_embedding_alone(tmp_path, tiny_lm_dir) -> None:

@@ -38,8 +38,9 @@ def test_packing_is_onnxruntime_matmul_nbits_quantizer_format(bits, symmetric) -
         np.testing.assert_array_equal(theirs["w_zero_points"].reshape(zp.shape), zp)
 
 
-@pytest.mark.parametrize("bits,symmetric,k", [(8, True, 96), (4, False, 96), (8, True, 48)])
-def test_quantized_graph_computes_with_the_dequantized_weights(tmp_path, bits, symmetric, k) -> None:
+@pytest.mark.parametrize("bits,symmetric,k,block", [(8, True, 96, 32), (4, False, 96, 32), (8, True, 48, 32),
+                                                    (8, True, 320, 256), (4, False, 96, 256)])
+def test_quantized_graph_computes_with_the_dequantized_weights(tmp_path, bits, symmetric, k, block) -> None:
     """MatMulNBits (fp32 compute) == x @ dequantize(B); GatherBlockQuantized rows == the
     dequantized table's rows; K not a multiple of the block is padded, not truncated."""
     rng = np.random.default_rng(1)
@@ -57,7 +58,7 @@ def test_quantized_graph_computes_with_the_dequantized_weights(tmp_path, bits, s
     onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
                     str(src / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
     proto = storage.load_structure(src / "m.onnx")
-    cfg = BlockConfig(bits=bits, symmetric=symmetric, accuracy_level=0)
+    cfg = BlockConfig(bits=bits, block_size=block, symmetric=symmetric, accuracy_level=0)
     counts = quantize_blockwise(proto, src, cfg)
     assert counts["MatMulNBits"] == 2 and counts["GatherBlockQuantized"] == 1
     storage.save(proto, src, tmp_path / "out" / "model.onnx")

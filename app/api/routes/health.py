@@ -60,7 +60,7 @@ async def info(state: StateDep) -> dict[str, Any]:
             "max_connections": state.max_connections or s.max_connections,
             "max_pending_body_bytes": s.max_pending_body_bytes,
         },
-        "settings": {"backend": s.backend, "device": s.device, "precision": s.precision,
+        "settings": {"backend": s.backend, "device": s.device, "precision": s.precision, "quant_kernel": s.quant_kernel,
                      "retry_failed_export": s.retry_failed_export, "cuda_graphs": s.cuda_graphs,
                      "max_input_tokens": s.max_input_tokens, "max_total_tokens": s.max_total_tokens,
                      "num_threads": s.num_threads, "auth": bool(s.api_key), "prefix_caching": s.prefix_caching,

@@ -241,3 +241,37 @@ def test_a_prefix_cache_budget_that_cannot_fit_refuses_to_start_and_names_the_se
                      prefix_cache_bytes=1 << 20)
     assert lo.backend == "onnxruntime" and lo.runner.prefix is not None
     assert lo.runner.prefix.budget_bytes <= 1 << 20
+
+
+def test_int8_cache_entry_is_keyed_by_the_cpu_and_info_shows_the_kernel(tmp_path, tiny_lm_dir, onnx_cache) -> None:
+    """PRECISION=int8: the kernel measured on this CPU; the cache key carries the instruction-set
+    level, a forced kernel gets its own entry, and an entry whose manifest says it was measured on
+    another kind of CPU is not served (a cache folder copied between hosts): it is rebuilt."""
+    from app.loading.engine_loader import load_engine
+    from export.kernels import isa_tag
+
+    lo = loader.load("generate", tiny_lm_dir, precision="int8", cache_dir=tmp_path)
+    assert lo.backend == "onnxruntime" and lo.fallback_reason is None
+    assert lo.onnx_path.parent.name.startswith(f"generate-int8-{isa_tag()}-gqa-")
+    q = lo.quantization
+    assert q["chosen_by"] == "measured" and q["isa"] == isa_tag() and q["kernel"] in q["score"]
+    assert read_manifest(lo.onnx_path.parent)["kernel"]["name"] == q["kernel"]
+    forced = loader.load("generate", tiny_lm_dir, precision="int8", cache_dir=tmp_path, quant_kernel="dynamic8")
+    assert forced.onnx_path.parent.name.startswith("generate-int8-dynamic8-gqa-")
+    assert forced.quantization | {"cpu_flags": None} == {
+        "kernel": "dynamic8", "scheme": "dynamic", "bits": 8, "block_size": 32, "chosen_by": "setting",
+        "isa": isa_tag(), "cpu_flags": None, "score": None, "rejected": []}
+    # the forced kernel's graph serves
+    assert len(greedy(forced.runner, [464, 2068, 7586], 8)) == 8
+    # an entry measured on another CPU
+    path = lo.onnx_path.parent / "manifest.json"
+    m = json.loads(path.read_text())
+    m["kernel"]["isa"] = "avx2" if isa_tag() != "avx2" else "avx512vnni"
+    path.write_text(json.dumps(m))
+    again = loader.load("generate", tiny_lm_dir, precision="int8", cache_dir=tmp_path)
+    assert again.cache_hit is False and read_manifest(again.onnx_path.parent)["kernel"]["isa"] == isa_tag()
+    # /info's generation.quantization
+    engine = load_engine(tiny_lm_dir, None, precision="int8", cache_dir=tmp_path, quant_kernel="dynamic8")
+    assert engine.info()["generation"]["quantization"]["kernel"] == "dynamic8"
+    fp32 = load_engine(tiny_lm_dir, None, cache_dir=onnx_cache)
+    assert fp32.info()["generation"]["quantization"] is None
