@@ -1,6 +1,7 @@
 """The CPU anchors: llama.cpp and CTranslate2 against our server, same checkpoint, same prompts.
 
-    python -m bench.anchors [--checkpoint DIR] [--rounds 3] [--update-md] [--setup-only]
+    python -m bench.anchors [--checkpoint DIR] [--rounds 3] [--precisions fp32,int8,int4,int8:nbits8-b32]
+                            [--update-md] [--setup-only]
 
 Setup (cached under ~/.cache/gpt2-serve, outside the repo; the first run takes about 20 min on
 2 cores, most of it the llama.cpp build):
@@ -10,14 +11,20 @@ Setup (cached under ~/.cache/gpt2-serve, outside the repo; the first run takes a
                `n_ctx` in config.json: a copy of the checkpoint gets it), then f32 -> q8_0, q4_0.
   CTranslate2  its PyPI wheel (pip, into this venv), `ct2-transformers-converter` to float32 and int8.
 Measured, in interleaved rounds (every system once per round; medians and ranges over rounds):
-  ours         the server (`python -m app`) at fp32, int8, int4 over HTTP: one-stream decode tok/s
-               (63 steps after the first token, streamed), 32 streams aggregate tok/s, time to first
-               token of a 512-token prompt, the server's peak RSS
+  ours         the server (`python -m app`) at fp32, int8, int4 over HTTP (`int8:KERNEL`: with
+               QUANT_KERNEL=KERNEL, e.g. the block int8 served before kernels were chosen per CPU):
+               one-stream decode tok/s (63 steps after the first token, streamed), 32 streams
+               aggregate tok/s, time to first token of a 512-token prompt, the server's peak RSS
   llama-bench  engine level: tg64 (one-stream decode) and pp512 (prompt processing, its TTFT) at
                f32, q8_0, q4_0; 2 threads
   CTranslate2  engine level (`Generator`): one-stream decode, 32-prompt batch tok/s, TTFT 512
-The issue's targets: ours int8 over HTTP >= 1.1x llama-bench q8_0 one-stream decode; int4 >=
-1.1x q4_0. Not part of `make test`.
+  bandwidth    this host's streaming read (`bench.common.memory_bandwidth_gbs`, 2 threads), each round.
+               A one-stream decode step reads every weight matrix once, so it can go no faster than
+               bandwidth / (matmul weights x bits per weight of the system's format): each
+               one-stream row's share of that limit is in the table.
+Issue 30's targets (`targets`): ours int8 over HTTP >= 1.1x llama-bench q8_0 one-stream decode,
+int4 >= 1.1x q4_0, fp32 >= 1.0x f32; int8's TTFT 512 at most fp32's, its 32 streams >= 1.3x
+fp32's and >= CTranslate2 int8's. Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import machine_info
+from bench.common import machine_info, memory_bandwidth_gbs
 from bench.report import replace_section
 from bench.sizes import _rss, _start, _stop, build_checkpoint
 
@@ -190,8 +197,35 @@ def ours_measure(url: str, pid: int) -> dict[str, float]:
                trust_env=False).raise_for_status()
     ttft = (time.perf_counter() - t) * 1000
     peak = int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+    quant = httpx.get(url + "/info", timeout=30, trust_env=False).json()["generation"].get("quantization") or {}
     return {"decode_1": decode_1, "streams_32": agg, "ttft_512_ms": ttft, "peak_rss_mib": peak,
-            "idle_rss_mib": _rss(pid) / (1 << 20)}
+            "idle_rss_mib": _rss(pid) / (1 << 20), "kernel": quant.get("kernel") or "fp32"}
+
+
+# Bits read per weight of each format at a decode step (scales included; llama.cpp's q8_0 and
+# q4_0 keep one fp16 scale per 32 weights; ours one fp32 scale per block, plus a 4-bit zero point
+# per block where asymmetric; dynamic8 one scale per column, negligible).
+ANCHOR_BITS = {"llama-bench f32": 32, "llama-bench q8_0": 8.5, "llama-bench q4_0": 4.5,
+               f"CTranslate2 {CT2_VERSION} float32": 32, f"CTranslate2 {CT2_VERSION} int8": 8}
+
+
+def kernel_bits(kernel: str) -> float:
+    """Bits per weight of one of our kernels (`export.kernels`), or 32 for fp32."""
+    from export.kernels import KERNELS
+
+    if kernel not in KERNELS:
+        return 32.0
+    k = KERNELS[kernel]
+    if k.scheme == "dynamic":
+        return float(k.bits)
+    b = k.block
+    return b.bits + 32 / b.block_size + (0 if b.symmetric else b.bits / b.block_size)
+
+
+def matmul_params(ckpt: Path) -> int:
+    """The weights a decode step reads: every layer's four matrices and the tied LM head."""
+    c = json.loads((ckpt / "config.json").read_text())
+    return c["n_layer"] * 12 * c["n_embd"] ** 2 + c["vocab_size"] * c["n_embd"]
 
 
 def _median_range(runs: list[dict[str, float]], key: str) -> tuple[float, float, float] | None:
@@ -199,29 +233,55 @@ def _median_range(runs: list[dict[str, float]], key: str) -> tuple[float, float,
     return (statistics.median(vals), min(vals), max(vals)) if vals else None
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
+def bandwidth_share(name: str, runs: list[dict[str, Any]], params: int, gbs: float) -> str:
+    """One-stream decode as a share of the limit that `gbs` GB/s sets for the system's format."""
+    anchor = name.split(" (")[0]
+    bits = ANCHOR_BITS.get(anchor) or (kernel_bits(runs[0].get("kernel", "")) if runs and "kernel" in runs[0]
+                                       else None)
+    mr = _median_range(runs, "decode_1")
+    if bits is None or mr is None:
+        return "-"
+    limit = gbs * 1e9 / (params * bits / 8)
+    return f"{100 * mr[0] / limit:.0f}% of {limit:,.0f} ({bits:g} bits/weight)"
+
+
+def table(results: dict[str, list[dict[str, Any]]], params: int = 0, gbs: float = 0.0) -> str:
     keys = [("decode_1", "1 stream decode tok/s"), ("streams_32", "32 streams tok/s"),
             ("ttft_512_ms", "TTFT 512 ms"), ("peak_rss_mib", "peak RSS MiB")]
-    lines = ["| system | " + " | ".join(k[1] for k in keys) + " |", "| --- |" + " --- |" * len(keys)]
+    lines = ["| system | " + " | ".join(k[1] for k in keys) + " | 1 stream / bandwidth limit |",
+             "| --- |" + " --- |" * (len(keys) + 1)]
     for name, runs in results.items():
         cells = []
         for key, _ in keys:
             mr = _median_range(runs, key)
             cells.append("-" if mr is None else f"{mr[0]:,.1f} ({mr[1]:,.1f}-{mr[2]:,.1f})")
+        cells.append(bandwidth_share(name, runs, params, gbs) if params and gbs else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def targets(results: dict[str, list[dict[str, float]]]) -> str:
-    out = []
-    pairs = (("ours int8, HTTP", "llama-bench q8_0 (engine)"), ("ours int4, HTTP", "llama-bench q4_0 (engine)"))
-    for ours, anchor in pairs:
-        a, b = _median_range(results.get(ours, []), "decode_1"), _median_range(results.get(anchor, []), "decode_1")
-        if a and b:
-            ratios = [x["decode_1"] / y["decode_1"] for x, y in zip(results[ours], results[anchor], strict=False)]
-            verdict = "pass" if a[0] / b[0] >= 1.1 else "FAIL"
-            out.append(f"- {ours} / {anchor}, one-stream decode: {a[0] / b[0]:.2f}x (per round "
-                       f"{min(ratios):.2f}-{max(ratios):.2f}x); target >= 1.1x: {verdict}")
+def _ratio_line(results: dict[str, list[dict[str, Any]]], a: str, b: str, key: str, target: float,
+                what: str, higher_better: bool = True) -> str | None:
+    ra, rb = _median_range(results.get(a, []), key), _median_range(results.get(b, []), key)
+    if not (ra and rb):
+        return None
+    ratio = ra[0] / rb[0]
+    per = [x[key] / y[key] for x, y in zip(results[a], results[b], strict=False) if key in x and key in y]
+    ok = ratio >= target if higher_better else ratio <= target
+    sign = ">=" if higher_better else "<="
+    return (f"- {a} / {b}, {what}: {ratio:.2f}x (per round {min(per):.2f}-{max(per):.2f}x); target {sign} "
+            f"{target:g}x: {'pass' if ok else 'FAIL'}")
+
+
+def targets(results: dict[str, list[dict[str, Any]]]) -> str:
+    ct2 = f"CTranslate2 {CT2_VERSION} int8 (engine)"
+    rows = [("ours int8, HTTP", "llama-bench q8_0 (engine)", "decode_1", 1.1, "one-stream decode", True),
+            ("ours int4, HTTP", "llama-bench q4_0 (engine)", "decode_1", 1.1, "one-stream decode", True),
+            ("ours fp32, HTTP", "llama-bench f32 (engine)", "decode_1", 1.0, "one-stream decode", True),
+            ("ours int8, HTTP", "ours fp32, HTTP", "ttft_512_ms", 1.0, "TTFT 512", False),
+            ("ours int8, HTTP", "ours fp32, HTTP", "streams_32", 1.3, "32 streams", True),
+            ("ours int8, HTTP", ct2, "streams_32", 1.0, "32 streams", True)]
+    out = [line for r in rows if (line := _ratio_line(results, *r)) is not None]
     return "\n".join(out) + "\n"
 
 
@@ -229,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.anchors", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="default: GPT-2 124M shape, random weights")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precisions", default="fp32,int8,int4", help="our server's precisions")
+    p.add_argument("--precisions", default="fp32,int8,int4",
+                   help="our server's precisions; PRECISION:KERNEL sets QUANT_KERNEL (e.g. int8:nbits8-b32)")
     p.add_argument("--setup-only", action="store_true")
     p.add_argument("--update-md", action="store_true")
     args = p.parse_args(argv)
@@ -243,13 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {}
     work = CACHE / "anchors-run"
     work.mkdir(parents=True, exist_ok=True)
+    bandwidth = []
     for r in range(args.rounds):
-        for prec in args.precisions.split(","):
-            logger.info("round %d: ours %s", r + 1, prec)
+        bandwidth.append(memory_bandwidth_gbs(THREADS))
+        logger.info("round %d: streaming read %.1f GB/s", r + 1, bandwidth[-1])
+        for variant in args.precisions.split(","):
+            prec, _, kernel = variant.partition(":")
+            logger.info("round %d: ours %s", r + 1, variant)
             proc, url, _, _ = _start({"MODEL_PATH": str(ckpt), "ONNX_CACHE_DIR": str(work / "onnx"),
-                                      "PRECISION": prec, "NUM_THREADS": str(THREADS)}, work / "server.log")
+                                      "PRECISION": prec, "QUANT_KERNEL": kernel or "auto",
+                                      "NUM_THREADS": str(THREADS)}, work / "server.log")
             try:
-                results.setdefault(f"ours {prec}, HTTP", []).append(ours_measure(url, proc.pid))
+                label = f"ours {prec}, HTTP" if not kernel else f"ours {prec} {kernel}, HTTP"
+                results.setdefault(label, []).append(ours_measure(url, proc.pid))
             finally:
                 _stop(proc)
         for q, f in ggufs.items():
@@ -262,12 +329,19 @@ def main(argv: list[str] | None = None) -> int:
                         f"print(json.dumps(ct2_measure(Path({str(d)!r}))))"], cwd=REPO)
             results.setdefault(f"CTranslate2 {CT2_VERSION} {q} (engine)", []).append(json.loads(out.splitlines()[-1]))
     cmd = "python -m bench.anchors " + " ".join(argv if argv is not None else sys.argv[1:])
+    gbs = statistics.median(bandwidth)
     record = {"command": cmd, "machine": machine_info(), "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "checkpoint": str(ckpt), "results": results}
+              "checkpoint": str(ckpt), "results": results, "bandwidth_gbs": bandwidth,
+              "matmul_params": matmul_params(ckpt)}
     (REPO / "bench" / "results" / "anchors.json").write_text(json.dumps(record, indent=1) + "\n")
-    body = (f"Command: `{cmd}`  \nMachine: {record['machine']['cpu']}, {record['machine']['cores']} cores, shared; "
+    kernels = sorted({r["kernel"] for runs in results.values() for r in runs if r.get("kernel", "fp32") != "fp32"})
+    m = record["machine"]
+    body = (f"Command: `{cmd}`  \nMachine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m['flags'])}; "
             f"{record['time']}; GPT-2 124M shape, random weights; {args.rounds} interleaved rounds, medians (range). "
-            f"{THREADS} threads everywhere.\n\n" + table(results) + "\n" + targets(results))
+            f"{THREADS} threads everywhere. Streaming read {gbs:.1f} GB/s (range {min(bandwidth):.1f}-"
+            f"{max(bandwidth):.1f}); {record['matmul_params'] / 1e6:.1f}M matmul weights read per token. "
+            f"Our quantized kernels served: {', '.join(kernels) or '-'}.\n\n"
+            + table(results, record["matmul_params"], gbs) + "\n" + targets(results))
     sys.stdout.write(body)
     if args.update_md:
         replace_section(REPO / "BENCHMARKS.md", "anchors", body)

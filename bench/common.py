@@ -87,12 +87,39 @@ def run_workloads(system: System, w: Workloads) -> dict[str, float]:
     return out
 
 
+# The instruction sets the CPU kernels dispatch on (export.kernels.FLAGS; repeated here so this
+# module needs numpy only).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
+              "asimddp", "i8mm")
+
+
 def machine_info() -> dict[str, Any]:
-    model = "unknown"
+    model, flags = "unknown", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags |= set(value.split())
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "flags": [f for f in SIMD_FLAGS if f in flags]}
+
+
+def memory_bandwidth_gbs(threads: int = 2, mib: int = 1024, repeats: int = 7) -> float:
+    """This host's streaming read bandwidth, GB/s: `threads` threads each summing its share of
+    a `mib` MiB float32 array (far past the caches; numpy's reductions release the GIL); the
+    best of `repeats`. A decode step that reads every weight once can go no faster than
+    bandwidth / weight bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(mib << 18, np.float32)  # touched, so its pages are resident
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
