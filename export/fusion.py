@@ -52,6 +52,15 @@ def check_fusion(model: onnx.ModelProto, n_layer: int, attention: str = "standar
     return counts
 
 
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
 def _consumed(model: onnx.ModelProto) -> set[str]:
     used = {i for n in model.graph.node for i in n.input}
     return used | {o.name for o in model.graph.output}
@@ -139,10 +148,7 @@ def selection_nodes(model: onnx.ModelProto) -> tuple[str | None, list[onnx.NodeP
     logits; the selection is every node that neither the head nor the KV cache outputs need.
     (None, []) for a graph without that head (the classifier)."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    readers = consumers(model)
     node = producer.get("logits")
     while node is not None and node.op_type not in ("MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul",
                                                     "MatMulIntegerToFloat"):
@@ -153,7 +159,7 @@ def selection_nodes(model: onnx.ModelProto) -> tuple[str | None, list[onnx.NodeP
     after: set[int] = set()  # the head's descendants
     todo = [head]
     while todo:
-        for n in consumers.get(todo.pop(), []):
+        for n in readers.get(todo.pop(), []):
             if id(n) not in after:
                 after.add(id(n))
                 todo.extend(n.output)

@@ -23,7 +23,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.fusion import CONTRIB_DOMAIN
-from export.quantize import BlockConfig, pack_blocks, quantize_per_channel
+from export.quantize import BlockConfig, quantized_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,6 @@ class Kernel:
     @property
     def bits(self) -> int:
         return self.block.bits
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "scheme": self.scheme, **asdict(self.block)}
 
 
 _Q8 = BlockConfig(bits=8)
@@ -128,24 +125,11 @@ def matmul_model(kernel: Kernel | None, w: np.ndarray, copies: int = 1) -> onnx.
     for i in range(copies):
         wi = np.roll(w, i, axis=1)  # a different weight in each: ONNX Runtime shares equal ones
         if kernel is None:
-            names = [numpy_helper.from_array(wi, f"w{i}")]
-            node = helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"])
-        elif kernel.scheme == "dynamic":
-            q, s = quantize_per_channel(wi)
-            names = [numpy_helper.from_array(q, f"q{i}"), numpy_helper.from_array(s, f"s{i}")]
-            node = helper.make_node("DynamicQuantizeMatMul", ["x", *(t.name for t in names)], [f"y{i}"],
-                                    domain=CONTRIB_DOMAIN)
+            node, weights = helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]), [(f"w{i}", wi)]
         else:
-            cfg = kernel.block
-            packed, scales, zp = pack_blocks(wi, cfg)
-            names = [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scales, f"s{i}")]
-            if zp is not None:
-                names.append(numpy_helper.from_array(zp, f"z{i}"))
-            node = helper.make_node("MatMulNBits", ["x", *(t.name for t in names)], [f"y{i}"], domain=CONTRIB_DOMAIN,
-                                    K=k, N=n, bits=cfg.bits, block_size=cfg.block_size,
-                                    accuracy_level=cfg.accuracy_level)
+            node, weights = quantized_matmul(wi, kernel.block, kernel.scheme, "x", f"w{i}", f"y{i}", f"mm{i}")
         nodes.append(node)
-        inits += names
+        inits += [numpy_helper.from_array(array, name) for name, array in weights]
     g = helper.make_graph(nodes, "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                           [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [None, n])
                            for i in range(copies)], inits)

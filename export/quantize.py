@@ -33,7 +33,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from export import storage
-from export.fusion import CONTRIB_DOMAIN, prune_dangling, selection_nodes, strip_initializer_value_info
+from export.fusion import CONTRIB_DOMAIN, consumers, prune_dangling, selection_nodes, strip_initializer_value_info
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,31 @@ def quantize_per_channel(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(b / scale), -127, 127).astype(np.int8)
     return q, scale
+
+
+def quantized_matmul(b: np.ndarray, cfg: BlockConfig, scheme: str, a: str, base: str, output: str,
+                     name: str) -> tuple[onnx.NodeProto, list[tuple[str, np.ndarray]]]:
+    """The node computing `output` = a @ B for B (K, N) fp32, quantized by `scheme` ("nbits":
+    `MatMulNBits` over `cfg`'s blocks; "dynamic": `DynamicQuantizeMatMul` over per-column int8),
+    and its weights as (initializer name, array) pairs named after `base`. What the export writes
+    and what `export.kernels` times are built here."""
+    k, n = b.shape
+    if scheme == "dynamic":
+        q, scale = quantize_per_channel(b)
+        weights = [(f"{base}_Q8c", q), (f"{base}_col_scales", scale)]
+        node = helper.make_node("DynamicQuantizeMatMul", [a, *(w for w, _ in weights)], [output],
+                                name=name + "_dq", domain=CONTRIB_DOMAIN)
+        return node, weights
+    packed, scales, zp = pack_blocks(b, cfg)
+    weights = [(f"{base}_Q{cfg.bits}", packed), (f"{base}_scales", scales)]
+    if zp is not None:
+        weights.append((f"{base}_zero_points", zp))
+    kw = {"K": k, "N": n, "bits": cfg.bits, "block_size": cfg.block_size}
+    if cfg.accuracy_level:
+        kw["accuracy_level"] = cfg.accuracy_level
+    node = helper.make_node("MatMulNBits", [a, *(w for w, _ in weights)], [output], name=name + "_nbits",
+                            domain=CONTRIB_DOMAIN, **kw)
+    return node, weights
 
 
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int,
@@ -144,22 +169,10 @@ class _Quantizer:
     def matmul(self, node: onnx.NodeProto, b: np.ndarray, b_name: str, a: str) -> onnx.NodeProto:
         """MatMulNBits(a, B) (or DynamicQuantizeMatMul, scheme "dynamic") with B (K, N) fp32; same
         output name as `node`."""
-        k, n = b.shape
-        if self.scheme == "dynamic":
-            q, scale = quantize_per_channel(b)
-            names = [f"{b_name}_Q8c", f"{b_name}_col_scales"]
-            self.new_inits += [self.w.put(names[0], q), self.w.put(names[1], scale)]
-            self.quantized_params += k * n
-            return helper.make_node("DynamicQuantizeMatMul", [a, *names], list(node.output),
-                                    name=node.name + "_dq", domain=CONTRIB_DOMAIN)
-        packed, scales, zp = pack_blocks(b, self.cfg)
-        names = self._emit(b_name, packed, scales, zp)
-        self.quantized_params += k * n
-        kw = {"K": k, "N": n, "bits": self.cfg.bits, "block_size": self.cfg.block_size}
-        if self.cfg.accuracy_level:
-            kw["accuracy_level"] = self.cfg.accuracy_level
-        return helper.make_node("MatMulNBits", [a, *names], list(node.output), name=node.name + "_nbits",
-                                domain=CONTRIB_DOMAIN, **kw)
+        new, weights = quantized_matmul(b, self.cfg, self.scheme, a, b_name, node.output[0], node.name)
+        self.new_inits += [self.w.put(name, array) for name, array in weights]
+        self.quantized_params += b.size
+        return new
 
     def gather(self, node: onnx.NodeProto, table: np.ndarray, t_name: str) -> onnx.NodeProto:
         """GatherBlockQuantized over `table` (rows, dim): each row blocked along dim, as the
@@ -230,10 +243,7 @@ def _fold_bias(model: onnx.ModelProto) -> int:
     one-row decode step (`bench.decode_profile`, 124M shape). Returns how many were folded."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = consumers(model)
     outputs = {o.name for o in g.output}
     drop, folded = set(), 0
     for n in g.node:

@@ -108,8 +108,8 @@ def _valid(folder: Path, sha: str) -> str | None:
     if chosen.get("chosen_by") == "measured":
         from export.kernels import isa_tag
 
-        if chosen.get("isa") != isa_tag():  # a cache folder copied from another kind of CPU
-            return f"its kernel {chosen.get('name')} was measured on {chosen.get('isa')}, this CPU is {isa_tag()}"
+        if chosen.get("isa") != (here := isa_tag()):  # a cache folder copied from another kind of CPU
+            return f"its kernel {chosen.get('name')} was measured on {chosen.get('isa')}, this CPU is {here}"
     if not (m.get("parity") or {}).get("passed"):
         return "parity was not verified or failed"
     bad = mf.verify_files(folder, m)
@@ -358,7 +358,8 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
         attention = "standard"
         path, cache_hit = ensure_export(checkpoint, task, precision, cache_dir, dev, cancel, retry_failed, attention,
                                         lock_stale_s, quant_kernel)
-    n_positions = _context_length(path)
+    manifest = mf.read_manifest(path.parent)
+    n_positions = int(manifest["model"]["n_positions"])
     if task == "embed":
         runner = OrtEmbeddingRunner(path, dev, num_threads, n_positions=n_positions)
     elif task != "generate":
@@ -381,12 +382,11 @@ def _load_ort(task: str, checkpoint: Path, dev: str, precision: str, cache_dir: 
     else:
         runner = OrtGenerationRunner(path, dev, num_threads, n_positions=n_positions)
     return Loaded(runner, task, "onnxruntime", dev, precision, checkpoint, path, note, cache_hit,
-                  attention if task == "generate" else None, _kernel_info(path))
+                  attention if task == "generate" else None, _kernel_info(manifest))
 
 
-def _kernel_info(onnx_path: Path) -> dict[str, Any] | None:
+def _kernel_info(m: dict[str, Any]) -> dict[str, Any] | None:
     """/info's `quantization`: the kernel a quantized export serves, how it was chosen, on what CPU."""
-    m = mf.read_manifest(onnx_path.parent)
     q, k = m.get("quantization"), m.get("kernel") or {}
     if not q:
         return None
@@ -394,10 +394,6 @@ def _kernel_info(onnx_path: Path) -> dict[str, Any] | None:
             "block_size": q.get("block_size"), "chosen_by": k.get("chosen_by"), "isa": k.get("isa"),
             "cpu_flags": k.get("cpu_flags"), "score": k.get("score"),
             "rejected": [r["name"] for r in k.get("rejected") or []]}
-
-
-def _context_length(onnx_path: Path) -> int:
-    return int(mf.read_manifest(onnx_path.parent)["model"]["n_positions"])
 
 
 def load(task: str, checkpoint: Path, backend: str = "auto", device: str = "auto", precision: str = "auto",
