@@ -60,6 +60,7 @@ def _load_engine(s: Settings, cancel: threading.Event) -> Engine:
         embedding_pooling=None if s.embedding_pooling == "off" else s.embedding_pooling,
         speculation=s.speculation, speculation_max_tokens=s.speculation_max_tokens,
         speculation_ngram=s.speculation_ngram, draft_model_path=s.draft_model_path, quant_kernel=s.quant_kernel,
+        speculation_max_batch=s.speculation_max_batch,
     )
     engine.start()
     return engine

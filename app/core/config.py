@@ -72,11 +72,14 @@ class Settings(BaseSettings):
     speculation: Literal["off", "ngram", "draft"] = Field(
         "off", description="speculative decoding: ngram proposes the tokens that followed the last occurrence of "
                            "a row's latest n-gram in its prompt and output; draft: DRAFT_MODEL_PATH's model proposes "
-                           "them; verified in the decode step (exact; the CPU GroupQueryAttention runner only)")
+                           "them; verified in the decode step (exact; the GroupQueryAttention runners)")
     draft_model_path: Path | None = Field(None, description="SPECULATION=draft: a smaller GPT-2 checkpoint with the "
                                                             "served model's tokenizer, exported and served alike")
     speculation_max_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per row and step")
     speculation_ngram: int = Field(3, ge=1, le=16, description="longest n-gram looked up (down to 1)")
+    speculation_max_batch: int = Field(8, ge=1, description="speculate only while the batch has at most this "
+                                                            "many rows (vLLM's disable_by_batch_size): each row "
+                                                            "with proposals costs the step one more model call")
     num_threads: int | None = Field(None, ge=1, description="intra-op threads; default: the runtime's choice")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="CUDA fp16: capture decode steps as CUDA graphs per batch bucket, checked against "

@@ -96,7 +96,7 @@ class Engine:
                  max_batch_prefill_tokens: int = 4096, waiting_served_ratio: float = 1.2,
                  score_chunk_tokens: int = 128, embedding: Loaded | None = None,
                  embedding_pooling: str = "last", speculation: str = "off", speculation_max_tokens: int = 4,
-                 speculation_ngram: int = 3, draft: Loaded | None = None) -> None:
+                 speculation_ngram: int = 3, draft: Loaded | None = None, speculation_max_batch: int = 8) -> None:
         self.generation = generation
         # SPECULATION=ngram|draft: proposals verified in the decode step, where the runners can
         self.speculation, self.draft = speculation, draft
@@ -108,8 +108,7 @@ class Engine:
                 if draft is not None and draft.runner.speculation_off_reason else None)
             if self.speculation_off_reason is None:
                 proposer = DraftProposer(draft.runner, str(draft.checkpoint)) if draft is not None else None
-                speculator = Speculator(speculation_max_tokens, speculation_ngram,
-                                        generation.runner.verify_max_rows, proposer)
+                speculator = Speculator(speculation_max_tokens, speculation_ngram, speculation_max_batch, proposer)
             else:
                 logger.warning("SPECULATION=%s is off: %s", speculation, self.speculation_off_reason)
         self.speculator = speculator

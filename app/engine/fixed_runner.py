@@ -378,6 +378,31 @@ class OrtFixedRunner(GenerationRunner):
         logits = io.outputs["logits"].read()[slots] if want.logits else None
         return Selected(top_ids, top_lps, logits)
 
+    # ---- speculative decoding --------------------------------------------------------------------
+    speculation_off_reason = None
+
+    def _room_for(self, fed: np.ndarray) -> None:
+        self._check_room([length + int(f) for length, f in zip(self.lengths, fed, strict=True)])
+
+    def _feed(self, row: int, tokens: Sequence[int], want: Want) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """An eager call on the row's slot (chunked prefill's call, after the cache)."""
+        if want.n > GRAPH_TOP_N:
+            raise ValueError(f"at most {GRAPH_TOP_N} alternatives per step")
+        c, at = len(tokens), self.lengths[row]
+        ids = np.asarray([tokens], np.int64)
+        first, last = np.zeros(1, np.int64), np.full(1, c - 1)
+        feed = {"input_ids": ids, "position_ids": np.arange(at, at + c, dtype=np.int64)[None],
+                "seqlens_k": np.array([at + c - 1], np.int32), "total_sequence_length": np.array(at + c, np.int32),
+                **select_inputs(first, last, c, want, ids)}
+        logits, _, top_ids, top_lps = self._eager(feed, self.slots[row], 1, want.logits)
+        self.lengths[row] = at + c
+        return logits, top_ids, top_lps
+
+    def truncate(self, row: int, length: int) -> None:
+        if not 0 < length <= self.lengths[row]:
+            raise ValueError(f"truncate: row {row} holds {self.lengths[row]} tokens, not {length}")
+        self.lengths[row] = length
+
     def drop(self, rows: Sequence[int]) -> np.ndarray:
         self.keep_pending()  # a freed slot runs junk rows in padded steps
         dead = set(int(r) for r in rows)

@@ -34,7 +34,6 @@ from app.engine.runner import (
     PendingPrefill,
     PromptScores,
     Selected,
-    Verified,
     Want,
     left_pad,
     parse_selection,
@@ -217,7 +216,6 @@ class OrtSlotRunner(GenerationRunner):
         self.bufs: list[np.ndarray] = []
         self.lengths = np.zeros((0,), np.int64)  # (B,) tokens in each row's cache
         self.chunk_done = 0  # tokens of a chunked prefill in progress in the extra row
-        self._verify_width = 0  # tokens each row was fed by the last `verify`
         self._arena_grown = False  # a prompt call ran since the arena was last shrunk
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -383,46 +381,21 @@ class OrtSlotRunner(GenerationRunner):
         return parse_selection(zero, zero, want, *sel, logits)
 
     speculation_off_reason = None
-    # ONNX Runtime's CPU GroupQueryAttention: "batch_size must be 1 when sequence_length > 1 and
-    # past context is given" (1.31); the chunked prefill's extra row is alone in its calls too.
-    verify_max_rows = 1
 
-    def verify(self, tokens: Sequence[Sequence[int]], want: Want) -> Verified:
-        """One call of every row's fed tokens, right-padded to the longest (K) with copies of the
-        row's last token: GroupQueryAttention places a row's new tokens after its cache by
-        `seqlens_k`, which assumes K of them, so the padding is computed and written too, past the
-        tokens `rewind` keeps. A row fed one token keeps only that position (its next-token
-        distribution, with its temperature and logits); a row with proposals keeps all K."""
-        n = self.num_rows
-        if len(tokens) != n or any(len(t) == 0 for t in tokens):
-            raise ValueError(f"verify needs at least one token for each of the {n} rows")
-        fed = np.asarray([len(t) for t in tokens], np.int64)
-        K = int(fed.max())
-        self._check_room(self.lengths + K)
-        self._grow(n, int(self.lengths.max(initial=0)) + K)
-        ids = np.empty((n, K), np.int64)
-        for b, t in enumerate(tokens):
-            ids[b, :len(t)], ids[b, len(t):] = t, t[-1]
-        pos = self.lengths[:, None] + np.arange(K)
-        spec = [b for b in range(n) if fed[b] > 1]
-        w = Want(want.top_n, want.temperature, spec, want.n, want.logits)
-        first, last = np.zeros(n, np.int64), fed - 1
-        logits, _, top_ids, top_lps = self._run(ids, pos, self.lengths + K - 1, slice(0, n),
-                                                select_inputs(first, last, K, w, ids))
-        self.lengths = self.lengths + K
-        self._verify_width = K
-        n_top = max(1, w.n)
-        return Verified(np.asarray(top_ids[:, :, :n_top]), np.asarray(top_lps[:, :, :n_top]), fed, logits)
+    def _room_for(self, fed: np.ndarray) -> None:
+        self._check_room(self.lengths + fed)
+        self._grow(self.num_rows, int((self.lengths + fed).max(initial=0)))
 
-    def rewind(self, keep: Sequence[int]) -> None:
-        keep = np.asarray(keep, np.int64)
-        if keep.shape != self.lengths.shape or (keep < 1).any() or (keep > self._verify_width).any():
-            raise ValueError(f"rewind: {keep.tolist()} for {self.num_rows} rows fed {self._verify_width} tokens")
-        self.lengths = self.lengths - self._verify_width + keep
+    def _feed(self, row: int, tokens: Sequence[int], want: Want) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        c, at = len(tokens), int(self.lengths[row])
+        ids = np.asarray([tokens], np.int64)
+        first, last = np.zeros(1, np.int64), np.full(1, c - 1)
+        logits, _, top_ids, top_lps = self._run(ids, np.arange(at, at + c)[None], np.asarray([at + c - 1]),
+                                                slice(row, row + 1), select_inputs(first, last, c, want, ids))
+        self.lengths[row] = at + c
+        return logits, top_ids, top_lps
 
     def truncate(self, row: int, length: int) -> None:
-        """Row `row` keeps its first `length` cached tokens (a draft model's row after some of its
-        proposals were refused)."""
         if not 0 < length <= int(self.lengths[row]):
             raise ValueError(f"truncate: row {row} holds {int(self.lengths[row])} tokens, not {length}")
         self.lengths[row] = length

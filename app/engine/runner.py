@@ -228,19 +228,71 @@ class GenerationRunner(ABC):
     def step(self, tokens: Sequence[int], want: Want | None = None) -> Selected:
         """Feed one token per row; returns the next-token selection of every row."""
 
-    # Speculative decoding (`app.engine.speculation`): None when this runner can verify proposals.
-    verify_max_rows: int = 0  # rows a verify call takes
-    speculation_off_reason: str | None = "not supported by this runner (only the CPU GroupQueryAttention runner " \
-                                         "verifies proposals)"
+    # Speculative decoding (`app.engine.speculation`): None when this runner can verify proposals
+    # (it has `_room_for`, `_feed` and `truncate`).
+    speculation_off_reason: str | None = "not supported by this runner (only the GroupQueryAttention runners " \
+                                         "verify proposals)"
+    _verify_fed: np.ndarray = np.zeros(0, np.int64)  # (rows,) tokens each row was fed by the last `verify`
 
     def verify(self, tokens: Sequence[Sequence[int]], want: Want) -> Verified:
         """Feed each row its tokens (its last token, then its proposals; at least one), all kept in
-        the cache until `rewind`; returns the selection at every fed position."""
+        the cache until `rewind`; returns the selection at every fed position.
+
+        ONNX Runtime's GroupQueryAttention (CPU and CUDA alike) refuses a call of several tokens per
+        row over a cache for more than one row ("batch_size must be 1 when sequence_length > 1 and
+        past context is given", its shared input check). So a row alone is fed all its tokens in one
+        call; a batch is fed as a plain step (every row's first token in one call, the very call a
+        step without speculation makes: a CUDA graph where they replay), then one call per row with
+        proposals, of the rest of its tokens. Each such row costs one more read of the weights; the
+        speculator measures whether that pays (`speculation.Speculator.record`)."""
+        if self.speculation_off_reason is not None:
+            raise NotImplementedError(self.speculation_off_reason)
+        n = self.num_rows
+        if len(tokens) != n or any(len(t) == 0 for t in tokens):
+            raise ValueError(f"verify needs at least one token for each of the {n} rows")
+        fed = np.asarray([len(t) for t in tokens], np.int64)
+        K, n_top = int(fed.max()), max(1, want.n)
+        self._room_for(fed)
+        if n == 1:
+            logits, top_ids, top_lps = self._feed(0, tokens[0], Want(want.top_n, want.temperature, [0], want.n,
+                                                                     want.logits))
+            top_ids, top_lps = top_ids[:, :, :n_top], top_lps[:, :, :n_top]
+        else:
+            first = self.step([t[0] for t in tokens], want)
+            logits = first.logits
+            top_ids = np.zeros((n, K, n_top), np.int64)
+            top_lps = np.zeros((n, K, n_top), np.float32)
+            top_ids[:, -1], top_lps[:, -1] = first.top_ids[:, :n_top], first.top_logprobs[:, :n_top]
+            for b in np.flatnonzero(fed > 1):  # row b's positions: columns K - fed[b] .. K - 1
+                _, ids, lps = self._feed(int(b), tokens[b][1:], Want(want.n, None, [0], want.n, False))
+                col = K - int(fed[b])
+                top_ids[b, col], top_lps[b, col] = first.top_ids[b, :n_top], first.top_logprobs[b, :n_top]
+                top_ids[b, col + 1:], top_lps[b, col + 1:] = ids[0, :, :n_top], lps[0, :, :n_top]
+        self._verify_fed = fed
+        return Verified(top_ids, top_lps, fed, logits)
+
+    def _room_for(self, fed: np.ndarray) -> None:
+        """Check that each row can take `fed[b]` more tokens (and make room for them)."""
+        raise NotImplementedError(self.speculation_off_reason)
+
+    def _feed(self, row: int, tokens: Sequence[int], want: Want) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Row `row` alone fed `tokens` after its cache in one call, every position kept (`want.score`
+        is [0]): (logits at the last position, top_ids (1, c, N), top_logprobs (1, c, N))."""
+        raise NotImplementedError(self.speculation_off_reason)
+
+    def truncate(self, row: int, length: int) -> None:
+        """Row `row` keeps its first `length` cached tokens (`rewind`; a draft model's row after
+        some of its proposals were refused)."""
         raise NotImplementedError(self.speculation_off_reason)
 
     def rewind(self, keep: Sequence[int]) -> None:
         """After `verify`: each row keeps the first `keep[b]` of the tokens it was fed."""
-        raise NotImplementedError(self.speculation_off_reason)
+        keep, fed = np.asarray(keep, np.int64), self._verify_fed
+        if keep.shape != (self.num_rows,) or fed.shape != keep.shape or (keep < 1).any() or (keep > fed).any():
+            raise ValueError(f"rewind: {keep.tolist()} for {self.num_rows} rows fed {fed.tolist()} tokens")
+        self._verify_fed = np.zeros(0, np.int64)
+        for b in np.flatnonzero(keep < fed):
+            self.truncate(int(b), int(self.lengths[b] - fed[b] + keep[b]))
 
     @abstractmethod
     def drop(self, rows: Sequence[int]) -> np.ndarray:

@@ -541,8 +541,8 @@ class Scheduler:
             keep = spec.accept(seqs, plan, out)
             self.runner.rewind(keep)
             made = sum(keep)
-        if spec is not None and len(seqs) <= spec.max_rows:  # what speculation has to beat, and what it does
-            spec.record(plan is None, time.perf_counter() - t0, made)
+        if spec is not None:  # what speculation has to beat, and what it does
+            spec.record(len(seqs), plan is None, time.perf_counter() - t0, made)
 
     def _accept(self, seqs: list[_Seq], sel: Selected) -> None:
         """Each row's next token, from the runner's selection."""

@@ -34,12 +34,14 @@ measured as they run (`record`; a plain step at least every `PLAIN_EVERY` steps)
 speculating is the slower of the two, it pauses: a probe after `PROBE_EVERY` steps, and the gap
 doubles (up to `MAX_PROBE_GAP`) for each probe that finds it still slower.
 
-A step speculates only while the batch has at most the runner's `verify_max_rows` rows: ONNX
-Runtime's CPU GroupQueryAttention refuses a call of several tokens per row over a cache for more
-than one row ("batch_size must be 1 when sequence_length > 1 and past context is given"), and a
-verify call per row would read the weights once per row where a plain step reads them once for
-the batch. So speculation serves the case it helps most, a stream alone (decode bound by reading
-the weights), and a busy batch decodes as before.
+Speculating rows share the continuous batch with plain ones. ONNX Runtime's GroupQueryAttention
+refuses a call of several tokens per row over a cache for more than one row ("batch_size must be 1
+when sequence_length > 1 and past context is given"), so a verify call of a batch is the plain
+step's call (every row's last token) and one more call per row with proposals (the rest of its
+tokens); a row alone is one call. Each row with proposals thus costs the step one more read of the
+weights, which pays while the batch is small and the proposals agree. The times per token are
+measured per batch size (buckets 1, 2, 3-4, 5-8, ...), so speculation pauses where it does not
+pay, and `SPECULATION_MAX_BATCH` (vLLM's `disable_by_batch_size`) turns it off above a batch size.
 """
 
 from __future__ import annotations
@@ -99,44 +101,90 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 
 
 class DraftProposer:
-    """A smaller model with the same tokenizer (DRAFT_MODEL_PATH) proposes `k` tokens, greedily:
-    each proposal is deterministic given the history (q = 1 on it), so the acceptance above stays
-    the exact scheme. It keeps one row in its own KV cache, for the stream being speculated on: at
-    each step the row keeps the longest prefix it shares with the stream's history, is fed the rest
-    in one call (`verify`, which gives the first proposal), then decodes `k - 1` more steps. So a
-    step costs the draft one call over the tokens new since the last step plus `k - 1` one-token
-    steps; its refused proposals leave its cache at the next step."""
+    """A smaller model with the same tokenizer (DRAFT_MODEL_PATH) proposes tokens greedily: each
+    proposal is deterministic given the history (q = 1 on it), so the acceptance above stays the
+    exact scheme. It keeps a row in its own KV cache for each stream it proposes for (those asking
+    at this step; the others' rows leave). At each step a row keeps the longest prefix it shares
+    with its stream's history and is fed the rest (`verify`, usually the one token the served model
+    chose; a new stream's history is prefilled), which gives each row's first proposal, then the
+    rows decode together `k - 1` more steps. So a step costs the draft one call over the new tokens,
+    a prefill for new streams, and `k - 1` steps of the batch; refused proposals leave its cache at
+    the next step."""
 
     def __init__(self, runner: GenerationRunner, checkpoint: str = "") -> None:
         self.runner = runner
         self.checkpoint = checkpoint
-        self.cached = np.zeros(0, np.int64)  # the tokens in the draft's row
+        self.keys: list[Any] = []  # the stream each draft row proposes for, in the runner's row order
+        self.cached: list[np.ndarray] = []  # the tokens in each draft row
 
-    def propose(self, history: np.ndarray, k: int) -> list[int]:
-        k = min(k, self.runner.info.n_positions - len(history))  # it holds history + k - 1 tokens
-        if k <= 0:
-            return []
-        r = self.runner
+    def propose(self, asks: Sequence[tuple[Any, np.ndarray, int]]) -> list[list[int]]:
+        """For each (stream, history, k): up to k proposed tokens ([] where the draft's context is
+        full)."""
+        r, out = self.runner, [[] for _ in asks]
+        room = [(i, key, h, k) for i, (key, h, k) in enumerate(asks) if k > 0 and len(h) < r.info.n_positions]
+        if not room:
+            return out
+        # every row holds its history + K - 1 tokens after the step
+        K = min(max(k for *_, k in room), min(r.info.n_positions - len(h) for _, _, h, _ in room) + 1)
         try:
-            common = min(_common_prefix(self.cached, history), len(history) - 1)  # feed at least one
-            if common == 0:
-                if r.num_rows:
-                    r.drop(list(range(r.num_rows)))
-                sel = r.add([history.tolist()], Want())
-            else:
-                r.truncate(0, common)
-                out = r.verify([history[common:].tolist()], Want())
-                r.rewind([len(history) - common])
-                sel = out.last()
-            proposal = [int(sel.top_ids[0, 0])]
-            for _ in range(k - 1):
-                proposal.append(int(r.step([proposal[-1]], Want()).top_ids[0, 0]))
+            firsts = self._catch_up([(key, h) for _, key, h, _ in room])
+            proposals = [[t] for t in firsts]
+            for _ in range(K - 1):
+                for p, t in zip(proposals, r.step([p[-1] for p in proposals], Want()).top_ids[:, 0], strict=True):
+                    p.append(int(t))
         except Exception:  # the draft only proposes: its failure costs speculation, not the request
-            logger.exception("the draft model failed; its row is reset")
-            self.cached = np.zeros(0, np.int64)
-            return []
-        self.cached = np.concatenate([history, np.asarray(proposal[:-1], np.int64)])
-        return proposal
+            logger.exception("the draft model failed; its rows are reset")
+            self.reset()
+            return out
+        hist = {id(key): h for _, key, h, _ in room}
+        self.cached = [np.concatenate([hist[id(key)], np.asarray(p[:-1], np.int64)])
+                       for key, p in zip(self.keys, proposals, strict=True)]
+        row = {id(key): p for key, p in zip(self.keys, proposals, strict=True)}
+        for i, key, _, k in room:
+            out[i] = row[id(key)][:k]
+        return out
+
+    def _catch_up(self, rows: Sequence[tuple[Any, np.ndarray]]) -> list[int]:
+        """Bring the draft's rows in line with `rows` (stream, history): rows of other streams
+        leave, the kept ones are fed what their stream added (at least its last token), new
+        streams are prefilled. Returns each row's next token, in the runner's new row order
+        (`self.keys`)."""
+        r = self.runner
+        hist = {id(key): h for key, h in rows}
+        common = {}
+        for b, key in enumerate(self.keys):
+            h = hist.get(id(key))
+            if h is not None:
+                c = min(_common_prefix(self.cached[b], h), len(h) - 1)  # feed at least one token
+                if c > 0:
+                    common[b] = c
+        gone = [b for b in range(len(self.keys)) if b not in common]
+        if gone:
+            order = r.drop(gone)
+            self.keys, self.cached = [self.keys[i] for i in order], [self.cached[i] for i in order]
+            common = {new: common[old] for new, old in enumerate(order)}
+        firsts: list[int] = []
+        if self.keys:
+            feeds = []
+            for b, key in enumerate(self.keys):
+                r.truncate(b, common[b])
+                feeds.append(hist[id(key)][common[b]:].tolist())
+            sel = r.verify(feeds, Want())
+            r.rewind([len(f) for f in feeds])
+            firsts = [int(t) for t in sel.last().top_ids[:, 0]]
+        known = {id(key) for key in self.keys}
+        new = [(key, h) for key, h in rows if id(key) not in known]
+        if new:
+            sel = r.add([h.tolist() for _, h in new], Want())
+            firsts += [int(t) for t in sel.top_ids[:, 0]]
+            self.keys += [key for key, _ in new]
+            self.cached += [h for _, h in new]
+        return firsts
+
+    def reset(self) -> None:
+        if self.runner.num_rows:
+            self.runner.drop(list(range(self.runner.num_rows)))
+        self.keys, self.cached = [], []
 
 
 @dataclass
@@ -166,48 +214,71 @@ class Stats:
     proposed: int = 0  # proposal tokens fed to a verify call
     accepted: int = 0  # of those, accepted
     steps: int = 0  # speculative decode steps
+    batched: int = 0  # of those, steps of more than one row
+
+
+@dataclass
+class Clock:
+    """Seconds per token of the decode steps of one batch-size bucket, exponential averages: plain
+    and speculative (None: not measured yet), and the steps since each was last measured."""
+
+    plain: float | None = None
+    spec: float | None = None
+    since_plain: int = 0
+    since_spec: int = 0
+    probe_gap: int = PROBE_EVERY  # while speculating does not pay, the steps between probes
+
+    @property
+    def paying(self) -> bool:
+        return self.spec is None or self.plain is None or self.spec <= self.plain
+
+
+def bucket(rows: int) -> int:
+    """The batch-size bucket a step is measured in: 1, 2, 3-4, 5-8, 9-16, ..."""
+    return max(1, rows - 1).bit_length() + (rows > 1)
 
 
 class Speculator:
     """Decides each step's proposals, and turns a verify call's top-N into accepted tokens."""
 
-    def __init__(self, max_tokens: int = 4, ngram: int = 3, max_rows: int = 1,
+    def __init__(self, max_tokens: int = 4, ngram: int = 3, max_batch: int = 8,
                  draft: DraftProposer | None = None) -> None:
-        if max_tokens < 1 or ngram < 1:
-            raise ValueError("SPECULATION_MAX_TOKENS and SPECULATION_NGRAM must be at least 1")
+        if max_tokens < 1 or ngram < 1 or max_batch < 1:
+            raise ValueError("SPECULATION_MAX_TOKENS, SPECULATION_NGRAM and SPECULATION_MAX_BATCH must be at least 1")
         self.max_tokens = max_tokens
         self.ngram = ngram
         self.draft = draft  # None: prompt lookup
-        self.max_rows = max_rows  # the runner's verify_max_rows
+        self.max_batch = max_batch  # larger batches decode plainly
         self.stats = Stats()
         self._rows: dict[int, RowState] = {}  # by id(_Seq)
-        # seconds per token of one-row steps, exponential averages: plain and speculative
-        self._plain: float | None = None
-        self._spec: float | None = None
-        self._since_plain = self._since_spec = 0
-        self._probe_gap = PROBE_EVERY
+        self.clocks: dict[int, Clock] = {}  # by `bucket`
         self.measure = True  # False: speculate whatever the times say (tests that need it to happen)
 
-    @property
-    def paying(self) -> bool:
-        """Whether speculative steps have made tokens faster than plain ones (or are unmeasured)."""
-        return not self.measure or self._spec is None or self._plain is None or self._spec <= self._plain
+    def clock(self, rows: int) -> Clock:
+        return self.clocks.setdefault(bucket(rows), Clock())
 
-    def record(self, plain: bool, seconds: float, tokens: int) -> None:
-        """A one-row decode step's time and the tokens it made (the scheduler's `_decode`)."""
-        per = seconds / max(1, tokens)
+    def paying(self, rows: int) -> bool:
+        """Whether speculative steps of a batch this size have made tokens faster than plain ones (or
+        are unmeasured)."""
+        return not self.measure or self.clock(rows).paying
+
+    def record(self, rows: int, plain: bool, seconds: float, tokens: int) -> None:
+        """A decode step of `rows` rows: its time and the tokens it made (the scheduler's `_decode`)."""
+        if rows > self.max_batch:
+            return
+        c, per = self.clock(rows), seconds / max(1, tokens)
         if plain:
-            self._plain = per if self._plain is None else (1 - EMA) * self._plain + EMA * per
-            self._since_plain = 0
+            c.plain = per if c.plain is None else (1 - EMA) * c.plain + EMA * per
+            c.since_plain = 0
         else:
-            self._spec = per if self._spec is None else (1 - EMA) * self._spec + EMA * per
-            self._since_spec = 0
-            self._probe_gap = PROBE_EVERY if self.paying else min(2 * self._probe_gap, MAX_PROBE_GAP)
+            c.spec = per if c.spec is None else (1 - EMA) * c.spec + EMA * per
+            c.since_spec = 0
+            c.probe_gap = PROBE_EVERY if c.paying else min(2 * c.probe_gap, MAX_PROBE_GAP)
 
     def info(self) -> dict[str, Any]:
         how = {"mode": "draft", "draft_model": self.draft.checkpoint} if self.draft else {"mode": "ngram",
                                                                                          "ngram": self.ngram}
-        return how | {"max_tokens": self.max_tokens, "max_rows": self.max_rows,
+        return how | {"max_tokens": self.max_tokens, "max_batch": self.max_batch,
                       "proposed_tokens": self.stats.proposed, "accepted_tokens": self.stats.accepted}
 
     def _state(self, seq: Any) -> RowState:
@@ -223,8 +294,6 @@ class Speculator:
                    - len(seq.tokens)) - 1  # the step makes at least one token beyond the proposals
         if left <= 0 or not _eligible(seq):
             return 0
-        if not self.paying and self._since_spec < self._probe_gap:
-            return 0
         if st.accept < 0.25:
             st.idle += 1
             if st.idle < PROBE_EVERY:
@@ -234,25 +303,27 @@ class Speculator:
         return min(left, max(1, round(self.max_tokens * st.accept)))
 
     def plan(self, seqs: Sequence[Any]) -> list[list[int]] | None:
-        """Each row's proposal for this step, or None for a plain step (no row proposes, or the
-        batch has more rows than a verify call takes)."""
-        if len(seqs) > self.max_rows:
+        """Each row's proposal for this step, or None for a plain step (no row proposes, the batch
+        is over SPECULATION_MAX_BATCH, or a plain step is due to measure what speculation has to
+        beat, or speculation does not pay at this batch size and no probe is due)."""
+        if len(seqs) > self.max_batch:
             return None
-        self._since_plain += 1
-        self._since_spec += 1
-        if self.measure and (self._plain is None or self._since_plain >= PLAIN_EVERY):
+        c = self.clock(len(seqs))
+        c.since_plain += 1
+        c.since_spec += 1
+        if self.measure and (c.plain is None or c.since_plain >= PLAIN_EVERY):
             return None  # a plain step, measured
+        if not self.paying(len(seqs)) and c.since_spec < c.probe_gap:
+            return None
         self._rows = {id(s): st for s in seqs if (st := self._rows.get(id(s))) is not None and st.seq is s}
-        proposals = []
-        for s in seqs:
-            st = self._state(s)
-            k = self._k(s, st)
-            if not k:
-                proposals.append([])
-            elif self.draft is not None:
-                proposals.append(self.draft.propose(st.catch_up(), k))
-            else:
-                proposals.append(ngram_proposal(st.catch_up(), self.ngram, k))
+        ks = [(s, self._state(s)) for s in seqs]
+        ks = [(s, st, self._k(s, st)) for s, st in ks]
+        if self.draft is not None:
+            asks = [(st, st.catch_up(), k) for _, st, k in ks if k]
+            drafted = iter(self.draft.propose(asks) if asks else [])
+            proposals = [next(drafted) if k else [] for *_, k in ks]
+        else:
+            proposals = [ngram_proposal(st.catch_up(), self.ngram, k) if k else [] for _, st, k in ks]
         return proposals if any(proposals) else None
 
     def accept(self, seqs: Sequence[Any], proposals: list[list[int]], out: Verified) -> list[int]:
@@ -283,6 +354,7 @@ class Speculator:
             self.stats.proposed += len(prop)
             self.stats.accepted += j
         self.stats.steps += 1
+        self.stats.batched += len(seqs) > 1
         return keep
 
 

@@ -23,7 +23,7 @@ def load_engine(model_path: Path | None, classifier_path: Path | None = None, ba
                 export_lock_stale_s: float = 30.0, prefix_cache_bytes: int = 0,
                 embedding_pooling: str | None = None, speculation: str = "off", speculation_max_tokens: int = 4,
                 speculation_ngram: int = 3, draft_model_path: Path | None = None,
-                quant_kernel: str = "auto") -> Engine:
+                quant_kernel: str = "auto", speculation_max_batch: int = 8) -> Engine:
     """Load (and export, on a cache miss) the models; blocking. Setting `cancel` aborts an export.
     `prefix_cache_bytes`: the generation runner's prefix cache budget (0: off). `embedding_pooling`
     ("last" or "mean"): also load the embedding graph of `model_path` (`/v1/embeddings`); None: not.
@@ -39,15 +39,16 @@ def load_engine(model_path: Path | None, classifier_path: Path | None = None, ba
         check_draft(model_path, draft_model_path)
         # beside the models loaded above (MemAvailable now counts them): one line if it cannot fit
         memory_fit.check(draft_model_path, memory_fit.serve_need(draft_model_path), "serving it as the draft model")
-        # one row (the stream it proposes for), no prefix cache. Its threads do not spin between its
+        # a row per stream it proposes for, no prefix cache. Its threads do not spin between its
         # calls: they would take the cores from the served model's calls in between (measured on
         # the demo pair: the served model's one-row step went from 0.85 to 1.19 ms)
-        draft = load("generate", draft_model_path, **(kw | {"max_batch_size": 1}),
+        draft = load("generate", draft_model_path, **(kw | {"max_batch_size": speculation_max_batch}),
                      session_config={"session.intra_op.allow_spinning": "0"})
     return Engine(gen, clf, max_batch_size, max_batch_total_tokens, max_input_tokens, max_total_tokens,
                   prefill_chunk_tokens, max_batch_prefill_tokens, waiting_served_ratio, score_chunk_tokens,
                   embedding=emb, embedding_pooling=embedding_pooling or "last", speculation=speculation,
-                  speculation_max_tokens=speculation_max_tokens, speculation_ngram=speculation_ngram, draft=draft)
+                  speculation_max_tokens=speculation_max_tokens, speculation_ngram=speculation_ngram, draft=draft,
+                  speculation_max_batch=speculation_max_batch)
 
 
 def check_draft(model_path: Path, draft_path: Path | None) -> None:

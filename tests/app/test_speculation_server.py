@@ -20,7 +20,8 @@ PROMPT = "one two three four one two three four one two three"
 def servers(tmp_path_factory, tiny_lm_dir: Path, onnx_cache: Path) -> Iterator[tuple[Server, Server]]:  # noqa: ANN001
     tmp = tmp_path_factory.mktemp("spec")
     env = base_env(tiny_lm_dir, tiny_lm_dir, onnx_cache, CLASSIFIER_PATH="", EMBEDDING_POOLING="off")
-    on = start_server(tmp, env | {"SPECULATION": "ngram", "SPECULATION_MAX_TOKENS": "3"})
+    on = start_server(tmp, env | {"SPECULATION": "ngram", "SPECULATION_MAX_TOKENS": "3",
+                                  "SPECULATION_MAX_BATCH": "4"})
     off = start_server(tmp, env)
     # the model as its own draft: a checkpoint the loader exports and serves a second time
     draft = start_server(tmp, env | {"SPECULATION": "draft", "DRAFT_MODEL_PATH": str(tiny_lm_dir)})
@@ -66,6 +67,8 @@ def test_info_shows_the_settings(servers, tiny_lm_dir: Path) -> None:  # noqa: A
     on, off, draft = servers
     spec = httpx.get(on.url + "/info", timeout=10).json()["generation"]["speculation"]
     assert spec["enabled"] and (spec["mode"], spec["max_tokens"], spec["ngram"]) == ("ngram", 3, 3)
+    assert spec["max_batch"] == 4
+    assert httpx.get(on.url + "/info", timeout=10).json()["settings"]["speculation_max_batch"] == 4
     spec = httpx.get(draft.url + "/info", timeout=10).json()["generation"]["speculation"]
     assert spec["enabled"] and spec["mode"] == "draft" and spec["draft_model"] == str(tiny_lm_dir)
     assert httpx.get(off.url + "/info", timeout=10).json()["settings"]["speculation"] == "off"

@@ -66,7 +66,7 @@ async def info(state: StateDep) -> dict[str, Any]:
                      "num_threads": s.num_threads, "auth": bool(s.api_key), "prefix_caching": s.prefix_caching,
                      "prefix_cache_mb": s.prefix_cache_mb, "embedding_pooling": s.embedding_pooling,
                      "speculation": s.speculation, "speculation_max_tokens": s.speculation_max_tokens,
-                     "speculation_ngram": s.speculation_ngram,
+                     "speculation_ngram": s.speculation_ngram, "speculation_max_batch": s.speculation_max_batch,
                      "draft_model_path": str(s.draft_model_path) if s.draft_model_path else None},
     }
 

@@ -220,3 +220,41 @@ def test_structured_outputs_on_the_gpu(tmp_path, tiny_lm_dir) -> None:
             jsonschema.validate(json.loads(o["choices"][0]["text"]), schema)
     finally:
         stop_server(server)
+
+
+def test_speculation_on_the_gpu_gives_the_tokens_without_it(tmp_path, tiny_lm_dir) -> None:
+    """SPECULATION=ngram on the fixed-buffer runner (decode steps replayed as CUDA graphs, each
+    row's proposals verified by an eager call on its slot): a stream alone and a batch of four
+    give the greedy tokens and log-probabilities of the engine without speculation."""
+    import asyncio
+
+    from app.loading.engine_loader import load_engine
+
+    engines = []
+    for mode in ("ngram", "off"):
+        eng = load_engine(tiny_lm_dir, None, backend="onnxruntime", device="cuda", precision="fp32",
+                          cache_dir=tmp_path, max_batch_size=8, speculation=mode)
+        if eng.speculator is not None:
+            eng.speculator.measure = False  # speculate whenever a row proposes
+        eng.start()
+        engines.append(eng)
+    on, off = engines
+
+    def run(engine, texts: list[str]) -> list:  # noqa: ANN001
+        async def go() -> list:
+            return await asyncio.gather(*(engine.generate(engine.prepare(t, 40, None, None, 2)) for t in texts))
+        return asyncio.run(go())
+
+    texts = ["one two three four one two three four one two three", "a b c a b c a b c a b",
+             "The weather is nice today and the weather is", "Zebras quietly juggle purple violins near Oslo"]
+    try:
+        assert on.info()["generation"]["speculation"]["enabled"]
+        for batch in (texts[:1], texts):
+            for g, w in zip(run(on, batch), run(off, batch), strict=True):
+                assert [t.id for t in g.tokens] == [t.id for t in w.tokens]
+                np.testing.assert_allclose([t.logprob for t in g.tokens], [t.logprob for t in w.tokens], atol=1e-3)
+        st = on.speculator.stats
+        assert st.accepted > 0 and st.batched > 0
+    finally:
+        on.stop()
+        off.stop()

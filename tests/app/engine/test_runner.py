@@ -226,3 +226,44 @@ def test_gqa_rows_double_up_to_the_largest_batch_only(graphs) -> None:
     assert r.capacity == 5 and r.num_rows == 5
     r.step([4] * 5)
     assert r.capacity == 5
+
+
+@pytest.mark.parametrize("kind", ["gqa", "fixed", "fixed-buckets"])
+def test_verify_gives_every_fed_position_and_rewind_keeps_the_accepted(kind, graphs, tiny_lm_dir, hf) -> None:
+    """Speculative decoding's runner calls (the GroupQueryAttention runners): rows fed one token
+    (plain rows) and rows fed several (their last token and proposals) in one batch, then a row
+    alone. Every fed position's top-N and log-probabilities are transformers' on the sequence up
+    to it; `rewind` keeps each row's first `keep` fed tokens, and the steps after it see exactly
+    those (the refused positions' cache entries are overwritten)."""
+    runner = make_runner(kind, graphs, tiny_lm_dir)
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(0, 1000, n).tolist() for n in (5, 9, 3)]
+    runner.add(seqs)
+
+    def verify(feeds: list[list[int]], keep: list[int]) -> None:
+        out = runner.verify(feeds, Want(top_n=3, logits=True))
+        assert out.top_ids.shape == (len(feeds), max(map(len, feeds)), 3)
+        for b, feed in enumerate(feeds):
+            for j in range(len(feed)):
+                ref = torch.log_softmax(torch.from_numpy(next_logits(hf, seqs[b] + feed[:j + 1])), -1).numpy()
+                ids, lps = out.at(b, j)
+                assert ids.tolist() == np.argsort(-ref)[:3].tolist(), (b, j)
+                np.testing.assert_allclose(lps, ref[ids], atol=1e-4)
+            if len(feed) == 1:  # a plain row's raw logits, as a step gives them
+                np.testing.assert_allclose(out.logits[b], next_logits(hf, seqs[b] + feed), atol=1e-4)
+        runner.rewind(keep)
+        for b, (feed, k) in enumerate(zip(feeds, keep, strict=True)):
+            seqs[b] += feed[:k]
+
+    verify([[11], [12, 13, 14, 15], [16, 17]], keep=[1, 2, 2])
+    verify([[18, 19, 20], [21], [22, 23, 24, 25, 26]], keep=[3, 1, 1])
+    sel = runner.step([30, 31, 32])  # after the rewind: the kept tokens only
+    for b, tok in enumerate((30, 31, 32)):
+        seqs[b].append(tok)
+        assert sel.top_ids[b, 0] == next_logits(hf, seqs[b]).argmax()
+    with pytest.raises(ValueError, match="rewind"):
+        runner.rewind([1, 1, 1])  # no verify since
+    order = runner.drop([0, 2])
+    seqs[:] = [seqs[i] for i in order]
+    verify([[40, 41, 42]], keep=[2])  # a row alone: one call
+    assert runner.step([50]).top_ids[0, 0] == next_logits(hf, seqs[0] + [50]).argmax()

@@ -68,7 +68,7 @@ def generate_all(engine, requests: list[tuple]) -> list:  # noqa: ANN001
 def test_info_and_counters(engines) -> None:  # noqa: ANN001
     on, off = engines
     assert on.info()["generation"]["speculation"] | {"proposed_tokens": 0, "accepted_tokens": 0} == {
-        "enabled": True, "mode": "ngram", "max_tokens": 4, "ngram": 3, "max_rows": 1, "proposed_tokens": 0,
+        "enabled": True, "mode": "ngram", "max_tokens": 4, "ngram": 3, "max_batch": 8, "proposed_tokens": 0,
         "accepted_tokens": 0}
     assert off.info()["generation"]["speculation"] == {"enabled": False, "mode": "off", "reason": "SPECULATION is off"}
     assert off.speculation_stats() is None
@@ -92,11 +92,10 @@ def test_greedy_is_token_for_token_transformers_and_proposals_are_accepted(engin
 def test_a_mixed_batch_equals_the_engine_without_speculation(engines) -> None:  # noqa: ANN001
     """Greedy rows with logprobs, a top-k sampled row at temperature 1, a top-p row and a
     temperature row (which never speculate), stop strings and the length limit, in one batch: the
-    batch decodes plainly while it has several rows (verify_max_rows is 1 on this runner), and the
-    row left last speculates. The same tokens, texts, finish reasons and log-probabilities as
-    without speculation."""
+    rows that propose are verified in the same steps as the plain rows. The same tokens, texts,
+    finish reasons and log-probabilities as without speculation."""
     on, off = engines
-    before = on.speculation_stats()["steps"]
+    before = on.speculator.stats.batched
     plain = generate_all(off, [(PROMPTS[0], 30, None, None, None)])[0]
     stop = on.tokenizer.decode([t.id for t in plain.tokens[12:14]])  # a stop string the output meets
     requests = [
@@ -115,7 +114,7 @@ def test_a_mixed_batch_equals_the_engine_without_speculation(engines) -> None:  
         for gt, wt in zip(g.tokens, w.tokens, strict=True):
             assert [a.id for a in gt.top] == [a.id for a in wt.top]
     assert want[4].reason == "stop_sequence"
-    assert on.speculation_stats()["steps"] > before  # the longest row, once alone, speculated
+    assert on.speculator.stats.batched > before  # steps of several rows speculated
 
 
 def test_seeded_sampling_is_reproducible_and_the_same_as_without(engines) -> None:  # noqa: ANN001
@@ -173,7 +172,7 @@ def test_off_with_a_reason_on_a_runner_that_cannot_verify(tiny_lm_dir: Path, onn
                       speculation="ngram")
     try:
         info = eng.info()["generation"]["speculation"]
-        assert not info["enabled"] and "only the CPU GroupQueryAttention runner" in info["reason"]
+        assert not info["enabled"] and "only the GroupQueryAttention runners" in info["reason"]
     finally:
         eng.stop()
 
@@ -202,12 +201,15 @@ def test_a_draft_model_gives_transformers_greedy_output(which: str, tiny_lm_dir:
         info = eng.info()["generation"]["speculation"]
         assert info["enabled"] and info["mode"] == "draft" and info["draft_model"].endswith(
             tiny_lm_dir.name if which == "itself" else other_draft.name)
-        for text in PROMPTS[2:]:
-            ids = eng.tokenizer.encode(text)
-            want = hf_lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                  max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
-            (res,) = generate_all(eng, [(text, 30, None, None, 2)])
-            assert [t.id for t in res.tokens] == want.tolist(), text
+        for texts in ([PROMPTS[2]], PROMPTS):  # a stream alone, then four in one batch (a draft row each)
+            got = generate_all(eng, [(text, 30 + 3 * i, None, None, 2) for i, text in enumerate(texts)])
+            for i, (text, res) in enumerate(zip(texts, got, strict=True)):
+                ids = eng.tokenizer.encode(text)
+                want = hf_lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=30 + 3 * i, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, len(ids):]
+                assert [t.id for t in res.tokens] == want.tolist(), text
+        assert eng.speculator.stats.batched > 0
         st = eng.speculation_stats()  # greedy proposals for greedy rows
         share = st["accepted_tokens"] / st["proposed_tokens"]
         assert share > 0.9 if which == "itself" else share < 0.5, st
@@ -245,18 +247,26 @@ def test_speculation_pauses_while_it_does_not_pay() -> None:
                           sampler=Sampler(SamplingParams(), history))
     spec = Speculator(max_tokens=4, ngram=3)
     assert spec.plan([row]) is None  # nothing measured yet: a plain step first
-    spec.record(True, 0.010, 1)
+    spec.record(1, True, 0.010, 1)
     assert spec.plan([row]) == [[5, 6, 7, 5]]
-    spec.record(False, 0.040, 2)  # 20 ms a token against 10: it does not pay
+    spec.record(1, False, 0.040, 2)  # 20 ms a token against 10: it does not pay
     plans = []
     for _ in range(2 * PROBE_EVERY):  # each step measured as the scheduler does: still slower
         plans.append(spec.plan([row]))
-        spec.record(plans[-1] is None, 0.010 if plans[-1] is None else 0.040, 1 if plans[-1] is None else 2)
+        spec.record(1, plans[-1] is None, 0.010 if plans[-1] is None else 0.040, 1 if plans[-1] is None else 2)
     assert 1 <= sum(p is not None for p in plans) <= 2, plans  # the probes only
-    spec.record(False, 0.010, 5)  # a probe made 5 tokens in 10 ms: 2 ms a token, it pays again
-    spec.record(False, 0.010, 5)
+    # another batch size is measured apart: two rows, where speculating pays
+    rows = [row, SimpleNamespace(**vars(row) | {"tokens": []})]
+    assert spec.plan(rows) is None
+    spec.record(2, True, 0.010, 2)
+    assert spec.plan(rows) == [[5, 6, 7, 5]] * 2
+    spec.record(2, False, 0.010, 8)
+    assert spec.paying(2) and not spec.paying(1)
+    spec.record(1, False, 0.010, 5)  # a probe made 5 tokens in 10 ms: 2 ms a token, it pays again
+    spec.record(1, False, 0.010, 5)
     plans = []
     for _ in range(2 * PLAIN_EVERY):
         plans.append(spec.plan([row]))
-        spec.record(plans[-1] is None, 0.010, 1 if plans[-1] is None else 5)
+        spec.record(1, plans[-1] is None, 0.010, 1 if plans[-1] is None else 5)
     assert 2 <= plans.count(None) <= 3, plans  # proposals at every step but the measuring plain ones
+    assert Speculator(max_batch=1).plan(rows) is None  # over SPECULATION_MAX_BATCH: plain
