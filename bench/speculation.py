@@ -17,8 +17,8 @@ fp32, ONNX Runtime, NUM_THREADS=2), and runs on each:
   nomatch   one stream that repeats little: top-k 40 sampling at temperature 1 (seeded; such a row
             speculates) from a random prompt, 128 new tokens. With random weights greedy output
             always loops, so a stream whose n-grams rarely recur is a sampled one. Target: >= 0.95x.
-  few       4 greedy streams at once (128 new tokens each, their outputs looping): tokens / wall;
-            rows that propose are verified in the same steps as the others (mixed batches).
+  few2/4    2, then 4 greedy streams at once (128 new tokens each, their outputs looping):
+            tokens / wall; rows that propose are verified in the same steps as the others.
   streams   32 greedy streams at once (64 new tokens each): tokens / wall. Target: >= 0.95x
             (over SPECULATION_MAX_BATCH, 8 by default, the batch decodes plainly; --max-batch 32
             has the server measure whether speculating pays at that size instead).
@@ -52,7 +52,7 @@ from bench.targets import free_port
 
 logger = logging.getLogger("bench.speculation")
 WORK = CACHE / "speculation-run"
-PROMPT, NEW, STREAMS, STREAM_NEW, REPEATS, FEW = 32, 128, 32, 64, 2, 4
+PROMPT, NEW, STREAMS, STREAM_NEW, REPEATS, FEW = 32, 128, 32, 64, 2, (2, 4)
 
 
 @contextlib.contextmanager
@@ -104,14 +104,16 @@ def run(url: str, rnd: int) -> dict[str, float]:
                 res["repeat"].append(n / s)
                 s, n = await one(c, rand_ids(PROMPT, 2, rnd, k), NEW, sampled=1000 * rnd + k)
                 res["nomatch"].append(n / s)
-            t = time.perf_counter()
-            done = await asyncio.gather(*(one(c, rand_ids(PROMPT, 4, rnd, i), NEW) for i in range(FEW)))
-            few = sum(n for _, n in done) / (time.perf_counter() - t)
+            few = {}
+            for f in FEW:
+                t = time.perf_counter()
+                done = await asyncio.gather(*(one(c, rand_ids(PROMPT, 4 + f, rnd, i), NEW) for i in range(f)))
+                few[f"few{f}_tok_s"] = sum(n for _, n in done) / (time.perf_counter() - t)
             t = time.perf_counter()
             done = await asyncio.gather(*(one(c, rand_ids(PROMPT, 3, rnd, i), STREAM_NEW) for i in range(STREAMS)))
             streams = sum(n for _, n in done) / (time.perf_counter() - t)
         return {"repeat_tok_s": statistics.median(res["repeat"]), "nomatch_tok_s": statistics.median(res["nomatch"]),
-                "few_tok_s": few, "streams_tok_s": streams}
+                **few, "streams_tok_s": streams}
     out = asyncio.run(go())
     return out | spec_counters(url)
 
@@ -129,7 +131,8 @@ def report(record: dict[str, Any]) -> str:
              f"| workload | SPECULATION=off | SPECULATION={mode} | ratio | target |", "| --- | --- | --- | --- | --- |"]
     for key, label, target in (("repeat_tok_s", "one greedy stream, its output looping, tokens/s", 1.6),
                                ("nomatch_tok_s", "one top-k sampled stream (little repeats), tokens/s", 0.95),
-                               ("few_tok_s", f"{FEW} greedy streams, their outputs looping, tokens/s", None),
+                               *((f"few{f}_tok_s", f"{f} greedy streams, their outputs looping, tokens/s", None)
+                                 for f in FEW),
                                ("streams_tok_s", f"{STREAMS} greedy streams, tokens/s", 0.95)):
         if any(key not in r["off"] for r in rounds):
             continue  # a record from before the row existed

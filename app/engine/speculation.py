@@ -1,11 +1,11 @@
-"""Speculative decoding: propose, verify in one call, keep what agrees.
+"""Speculative decoding: propose, verify, keep what agrees.
 
 A row's proposal is, with SPECULATION=ngram, the tokens that followed the last earlier occurrence
 of its latest n-gram in its prompt and output (vLLM's `ngram`, TGI's n-gram speculation): no extra
 model, no memory; with SPECULATION=draft, a smaller model's greedy continuation (`DraftProposer`,
-its own KV cache for the one row it proposes for). A decode step with proposals feeds each row
-its last token and its proposals in one runner call (`GenerationRunner.verify`), which returns the
-top-N at every one of those positions. Then, row by
+its own KV cache, a row per stream it proposes for). A decode step with proposals feeds each row
+its last token and its proposals (`GenerationRunner.verify`, below), which returns the top-N at
+every one of those positions. Then, row by
 row, position by position, the row's own sampler chooses a token from that position's top-N,
 exactly as a plain step would: if it equals the next proposal, it is accepted and the next
 position is read; otherwise it is the row's last token of this step. When every proposal agrees,
@@ -30,18 +30,19 @@ It never costs much: a row's proposal length adapts to how much of its proposals
 (an exponential average): it drops to none while little agrees, and a row with none tries one
 proposal again every `PROBE_EVERY` steps. Acceptance alone does not say whether it pays (a draft
 model's steps cost time of their own), so the time per token of speculative and of plain steps is
-measured as they run (`record`; a plain step at least every `PLAIN_EVERY` steps), and while
-speculating is the slower of the two, it pauses: a probe after `PROBE_EVERY` steps, and the gap
-doubles (up to `MAX_PROBE_GAP`) for each probe that finds it still slower.
+measured as they run, per batch size (`record`; a plain step at least every `PLAIN_EVERY` steps),
+and while speculating is the slower of the two at a size, it pauses there: a probe after
+`PROBE_EVERY` steps, and the gap doubles (up to `MAX_PROBE_GAP`) for each probe that finds it
+still slower.
 
 Speculating rows share the continuous batch with plain ones. ONNX Runtime's GroupQueryAttention
 refuses a call of several tokens per row over a cache for more than one row ("batch_size must be 1
 when sequence_length > 1 and past context is given"), so a verify call of a batch is the plain
 step's call (every row's last token) and one more call per row with proposals (the rest of its
 tokens); a row alone is one call. Each row with proposals thus costs the step one more read of the
-weights, which pays while the batch is small and the proposals agree. The times per token are
-measured per batch size (buckets 1, 2, 3-4, 5-8, ...), so speculation pauses where it does not
-pay, and `SPECULATION_MAX_BATCH` (vLLM's `disable_by_batch_size`) turns it off above a batch size.
+weights, which pays while the batch is small and the proposals agree: the times per token are
+measured per batch-size bucket (1, 2, 3-4, 5-8, ...: a `Clock` each), and `SPECULATION_MAX_BATCH`
+(vLLM's `disable_by_batch_size`) turns it off above a batch size.
 """
 
 from __future__ import annotations
@@ -318,13 +319,29 @@ class Speculator:
         self._rows = {id(s): st for s in seqs if (st := self._rows.get(id(s))) is not None and st.seq is s}
         ks = [(s, self._state(s)) for s in seqs]
         ks = [(s, st, self._k(s, st)) for s, st in ks]
+        need = self.worth(len(seqs))
         if self.draft is not None:
+            ks = [(s, st, k if st.accept * k >= need else 0) for s, st, k in ks]
             asks = [(st, st.catch_up(), k) for _, st, k in ks if k]
             drafted = iter(self.draft.propose(asks) if asks else [])
             proposals = [next(drafted) if k else [] for *_, k in ks]
         else:
             proposals = [ngram_proposal(st.catch_up(), self.ngram, k) if k else [] for _, st, k in ks]
+            proposals = [p if st.accept * len(p) >= need else [] for p, (_, st, _) in zip(proposals, ks, strict=True)]
         return proposals if any(proposals) else None
+
+    def worth(self, rows: int) -> float:
+        """The tokens a row's proposals must be expected to add (its acceptance average times their
+        number) for its verify call to pay in a batch of `rows`: that call costs about a one-row
+        step, in which the batch makes `rows` tokens at its own per-token time, so the measured
+        ratio of the one-row and the batch's plain time per token (`rows` where either is not
+        measured yet: a one-row step costing the whole batch's, as when reading the weights
+        dominates), and a quarter more for the call's own work on the proposed positions. A row
+        alone needs nothing: its one call replaces the plain step."""
+        if rows == 1 or not self.measure:
+            return 0.0
+        one, many = self.clock(1).plain, self.clock(rows).plain
+        return 1.25 * (one / many if one is not None and many else float(rows))
 
     def accept(self, seqs: Sequence[Any], proposals: list[list[int]], out: Verified) -> list[int]:
         """Row by row, the tokens of a verify call. A row without proposals chooses as in a plain

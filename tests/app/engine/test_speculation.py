@@ -270,3 +270,13 @@ def test_speculation_pauses_while_it_does_not_pay() -> None:
         spec.record(1, plans[-1] is None, 0.010, 1 if plans[-1] is None else 5)
     assert 2 <= plans.count(None) <= 3, plans  # proposals at every step but the measuring plain ones
     assert Speculator(max_batch=1).plan(rows) is None  # over SPECULATION_MAX_BATCH: plain
+    # in a batch, a row proposes only where its expected accepted tokens pay for its extra call:
+    # more than the tokens the batch makes in a one-row step's time (x 1.25)
+    four = [SimpleNamespace(**vars(row) | {"tokens": []}) for _ in range(4)]
+    spec = Speculator(max_tokens=4, ngram=3)
+    assert spec.worth(4) == 5.0  # nothing measured: as if a one-row step cost the whole batch's
+    spec.record(1, True, 0.050, 1)  # 50 ms a token alone (reading the weights)
+    spec.record(4, True, 0.060, 4)  # 15 ms a token at 4 rows: a one-row step buys 3.3 of its tokens
+    spec.record(2, True, 0.058, 2)
+    assert spec.worth(4) == pytest.approx(1.25 * 0.050 / 0.015) and spec.plan(four) is None  # 4 < 4.17
+    assert spec.plan(rows) == [[5, 6, 7, 5]] * 2  # 4 tokens against 1.25 x 50 / 29 = 2.2
