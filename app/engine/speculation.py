@@ -319,29 +319,31 @@ class Speculator:
         self._rows = {id(s): st for s in seqs if (st := self._rows.get(id(s))) is not None and st.seq is s}
         ks = [(s, self._state(s)) for s in seqs]
         ks = [(s, st, self._k(s, st)) for s, st in ks]
-        need = self.worth(len(seqs))
         if self.draft is not None:
-            ks = [(s, st, k if st.accept * k >= need else 0) for s, st, k in ks]
+            ks = [(s, st, k if self.pays(len(seqs), st.accept, k) else 0) for s, st, k in ks]
             asks = [(st, st.catch_up(), k) for _, st, k in ks if k]
             drafted = iter(self.draft.propose(asks) if asks else [])
             proposals = [next(drafted) if k else [] for *_, k in ks]
         else:
             proposals = [ngram_proposal(st.catch_up(), self.ngram, k) if k else [] for _, st, k in ks]
-            proposals = [p if st.accept * len(p) >= need else [] for p, (_, st, _) in zip(proposals, ks, strict=True)]
+            proposals = [p if self.pays(len(seqs), st.accept, len(p)) else []
+                         for p, (_, st, _) in zip(proposals, ks, strict=True)]
         return proposals if any(proposals) else None
 
-    def worth(self, rows: int) -> float:
-        """The tokens a row's proposals must be expected to add (its acceptance average times their
-        number) for its verify call to pay in a batch of `rows`: that call costs about a one-row
-        step, in which the batch makes `rows` tokens at its own per-token time, so the measured
-        ratio of the one-row and the batch's plain time per token (`rows` where either is not
-        measured yet: a one-row step costing the whole batch's, as when reading the weights
-        dominates), and a quarter more for the call's own work on the proposed positions. A row
-        alone needs nothing: its one call replaces the plain step."""
+    def pays(self, rows: int, accept: float, k: int) -> bool:
+        """Whether a row's k proposals, of which it accepts a share `accept` on average, are worth
+        their verify call in a batch of `rows`. A row alone: always (its one call replaces the plain
+        step). In a batch the call is one more: it costs a one-row step (t1) plus the work of k - 1
+        more positions (c each, from the batch's step time tn = t1 + (rows - 1) c), in which time
+        the batch makes (t1 + (k - 1) c) / (tn / rows) tokens of its own; the expected accepted
+        tokens must beat that by 10% (the step's other work). The times are the measured plain
+        ones; before they are, t1 = tn (reading the weights dominates, c = 0)."""
         if rows == 1 or not self.measure:
-            return 0.0
-        one, many = self.clock(1).plain, self.clock(rows).plain
-        return 1.25 * (one / many if one is not None and many else float(rows))
+            return k > 0
+        one, per = self.clock(1).plain, self.clock(rows).plain
+        t1, tn = (one, rows * per) if one is not None and per else (1.0, 1.0)
+        c = max(0.0, (tn - t1) / (rows - 1))
+        return accept * k > 1.1 * (t1 + (k - 1) * c) * rows / tn
 
     def accept(self, seqs: Sequence[Any], proposals: list[list[int]], out: Verified) -> list[int]:
         """Row by row, the tokens of a verify call. A row without proposals chooses as in a plain

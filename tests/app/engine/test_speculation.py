@@ -270,13 +270,14 @@ def test_speculation_pauses_while_it_does_not_pay() -> None:
         spec.record(1, plans[-1] is None, 0.010, 1 if plans[-1] is None else 5)
     assert 2 <= plans.count(None) <= 3, plans  # proposals at every step but the measuring plain ones
     assert Speculator(max_batch=1).plan(rows) is None  # over SPECULATION_MAX_BATCH: plain
-    # in a batch, a row proposes only where its expected accepted tokens pay for its extra call:
-    # more than the tokens the batch makes in a one-row step's time (x 1.25)
+    # in a batch, a row proposes only where its expected accepted tokens pay for its extra call: more
+    # than the tokens the batch makes in that call's time (a one-row step and 3 more positions), +10%
     four = [SimpleNamespace(**vars(row) | {"tokens": []}) for _ in range(4)]
     spec = Speculator(max_tokens=4, ngram=3)
-    assert spec.worth(4) == 5.0  # nothing measured: as if a one-row step cost the whole batch's
-    spec.record(1, True, 0.050, 1)  # 50 ms a token alone (reading the weights)
-    spec.record(4, True, 0.060, 4)  # 15 ms a token at 4 rows: a one-row step buys 3.3 of its tokens
-    spec.record(2, True, 0.058, 2)
-    assert spec.worth(4) == pytest.approx(1.25 * 0.050 / 0.015) and spec.plan(four) is None  # 4 < 4.17
-    assert spec.plan(rows) == [[5, 6, 7, 5]] * 2  # 4 tokens against 1.25 x 50 / 29 = 2.2
+    assert spec.pays(2, 1.0, 4) and not spec.pays(4, 1.0, 4)  # nothing measured: a one-row step = the batch's
+    spec.record(1, True, 0.050, 1)  # 50 ms alone (reading the weights)
+    spec.record(4, True, 0.062, 4)  # 62 ms at 4 rows: 4 ms a row; a 4-token call (62 ms) buys 4 batch tokens
+    spec.record(2, True, 0.054, 2)  # at 2 rows a 4-token call (62 ms) buys 2.3 batch tokens
+    assert not spec.pays(4, 1.0, 4) and spec.plan(four) is None
+    assert spec.pays(2, 0.7, 4) and not spec.pays(2, 0.6, 4)
+    assert spec.plan(rows) == [[5, 6, 7, 5]] * 2
