@@ -24,13 +24,13 @@ import numpy as np
 import onnxruntime as ort
 
 from app.engine import prefix_cache
+from app.engine.padded_runner import PaddedRunner
 from app.engine.pooling import EmbeddingRunner
 from app.engine.runner import (
     KV,
     ClassificationRunner,
     GenerationRunner,
     ModelInfo,
-    PaddedRunner,
     PendingPrefill,
     PromptScores,
     Selected,

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.engine.padded_runner import PaddedRunner
 from app.engine.pooling import EmbeddingRunner
-from app.engine.runner import KV, ClassificationRunner, ModelInfo, PaddedRunner, left_pad
+from app.engine.runner import KV, ClassificationRunner, ModelInfo, left_pad
 from model import load_pretrained
 from model.gpt2 import select_tokens
 
