@@ -308,6 +308,10 @@ class Speculator:
         is over SPECULATION_MAX_BATCH, or a plain step is due to measure what speculation has to
         beat, or speculation does not pay at this batch size and no probe is due)."""
         if len(seqs) > self.max_batch:
+            if self._rows:  # a batch this large never speculates: forget its rows (and the draft's)
+                self._rows = {}
+                if self.draft is not None:
+                    self.draft.reset()
             return None
         c = self.clock(len(seqs))
         c.since_plain += 1

@@ -270,6 +270,10 @@ def test_speculation_pauses_while_it_does_not_pay() -> None:
         spec.record(1, plans[-1] is None, 0.010, 1 if plans[-1] is None else 5)
     assert 2 <= plans.count(None) <= 3, plans  # proposals at every step but the measuring plain ones
     assert Speculator(max_batch=1).plan(rows) is None  # over SPECULATION_MAX_BATCH: plain
+    small = Speculator(max_batch=2)
+    small.measure = False
+    assert small.plan(rows) and small._rows  # the two rows' states are kept...
+    assert small.plan(rows + rows) is None and not small._rows  # ...and forgotten over the limit
     # in a batch, a row proposes only where its expected accepted tokens pay for its extra call: more
     # than the tokens the batch makes in that call's time (a one-row step and 3 more positions), +10%
     four = [SimpleNamespace(**vars(row) | {"tokens": []}) for _ in range(4)]
