@@ -398,11 +398,6 @@ class OrtFixedRunner(GenerationRunner):
         self.lengths[row] = at + c
         return logits, top_ids, top_lps
 
-    def truncate(self, row: int, length: int) -> None:
-        if not 0 < length <= self.lengths[row]:
-            raise ValueError(f"truncate: row {row} holds {self.lengths[row]} tokens, not {length}")
-        self.lengths[row] = length
-
     def drop(self, rows: Sequence[int]) -> np.ndarray:
         self.keep_pending()  # a freed slot runs junk rows in padded steps
         dead = set(int(r) for r in rows)

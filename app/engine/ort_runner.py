@@ -395,11 +395,6 @@ class OrtSlotRunner(GenerationRunner):
         self.lengths[row] = at + c
         return logits, top_ids, top_lps
 
-    def truncate(self, row: int, length: int) -> None:
-        if not 0 < length <= int(self.lengths[row]):
-            raise ValueError(f"truncate: row {row} holds {int(self.lengths[row])} tokens, not {length}")
-        self.lengths[row] = length
-
     def drop(self, rows: Sequence[int]) -> np.ndarray:
         self.keep_pending()  # before rows move
         n = self.num_rows

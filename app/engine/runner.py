@@ -14,10 +14,9 @@ and the raw last-position logits for the host-side sampling that needs the whole
 
 Two bookkeeping schemes implement it:
 - `app.engine.padded_runner.PaddedRunner` (PyTorch, and ONNX graphs with the standard past/present
-  signature): rows are
-  left-padded to a common past length P, each row keeps its own next position id, so padding
-  never shifts positions; a step concatenates one column onto every cache. Backends implement
-  the forward pass and four KV moves.
+  signature): rows are left-padded to a common past length P, each row keeps its own next position
+  id, so padding never shifts positions; a step concatenates one column onto every cache. Backends
+  implement the forward pass and four KV moves.
 - `app.engine.ort_runner.OrtSlotRunner` (ONNX graphs with GroupQueryAttention): fixed-size KV
   buffers, one row per sequence, written in place; no padding and no copies per step.
 
@@ -230,7 +229,7 @@ class GenerationRunner(ABC):
         """Feed one token per row; returns the next-token selection of every row."""
 
     # Speculative decoding (`app.engine.speculation`): None when this runner can verify proposals
-    # (it has `_room_for`, `_feed` and `truncate`).
+    # (it has `_room_for`, `_feed` and a per-row `lengths`).
     speculation_off_reason: str | None = "not supported by this runner (only the GroupQueryAttention runners " \
                                          "verify proposals)"
     _verify_fed: np.ndarray = np.zeros(0, np.int64)  # (rows,) tokens each row was fed by the last `verify`
@@ -283,8 +282,14 @@ class GenerationRunner(ABC):
 
     def truncate(self, row: int, length: int) -> None:
         """Row `row` keeps its first `length` cached tokens (`rewind`; a draft model's row after
-        some of its proposals were refused)."""
-        raise NotImplementedError(self.speculation_off_reason)
+        some of its proposals were refused). The runners that verify keep `lengths`, each row's
+        cached tokens, and GroupQueryAttention reads a row only up to its length."""
+        if self.speculation_off_reason is not None:
+            raise NotImplementedError(self.speculation_off_reason)
+        held = int(self.lengths[row])
+        if not 0 < length <= held:
+            raise ValueError(f"truncate: row {row} holds {held} tokens, not {length}")
+        self.lengths[row] = length
 
     def rewind(self, keep: Sequence[int]) -> None:
         """After `verify`: each row keeps the first `keep[b]` of the tokens it was fed."""

@@ -127,8 +127,9 @@ class DraftProposer:
             return out
         # every row holds its history + K - 1 tokens after the step
         K = min(max(k for *_, k in room), min(r.info.n_positions - len(h) for _, _, h, _ in room) + 1)
+        hist = {id(key): h for _, key, h, _ in room}
         try:
-            firsts = self._catch_up([(key, h) for _, key, h, _ in room])
+            firsts = self._catch_up([key for _, key, _, _ in room], hist)
             proposals = [[t] for t in firsts]
             for _ in range(K - 1):
                 for p, t in zip(proposals, r.step([p[-1] for p in proposals], Want()).top_ids[:, 0], strict=True):
@@ -137,7 +138,6 @@ class DraftProposer:
             logger.exception("the draft model failed; its rows are reset")
             self.reset()
             return out
-        hist = {id(key): h for _, key, h, _ in room}
         self.cached = [np.concatenate([hist[id(key)], np.asarray(p[:-1], np.int64)])
                        for key, p in zip(self.keys, proposals, strict=True)]
         row = {id(key): p for key, p in zip(self.keys, proposals, strict=True)}
@@ -145,13 +145,12 @@ class DraftProposer:
             out[i] = row[id(key)][:k]
         return out
 
-    def _catch_up(self, rows: Sequence[tuple[Any, np.ndarray]]) -> list[int]:
-        """Bring the draft's rows in line with `rows` (stream, history): rows of other streams
-        leave, the kept ones are fed what their stream added (at least its last token), new
-        streams are prefilled. Returns each row's next token, in the runner's new row order
-        (`self.keys`)."""
+    def _catch_up(self, streams: Sequence[Any], hist: dict[int, np.ndarray]) -> list[int]:
+        """Bring the draft's rows in line with `streams` (their histories in `hist`, by id): rows of
+        other streams leave, the kept ones are fed what their stream added (at least its last
+        token), new streams are prefilled. Returns each row's next token, in the runner's new row
+        order (`self.keys`)."""
         r = self.runner
-        hist = {id(key): h for key, h in rows}
         common = {}
         for b, key in enumerate(self.keys):
             h = hist.get(id(key))
@@ -174,12 +173,12 @@ class DraftProposer:
             r.rewind([len(f) for f in feeds])
             firsts = [int(t) for t in sel.last().top_ids[:, 0]]
         known = {id(key) for key in self.keys}
-        new = [(key, h) for key, h in rows if id(key) not in known]
+        new = [key for key in streams if id(key) not in known]
         if new:
-            sel = r.add([h.tolist() for _, h in new], Want())
+            sel = r.add([hist[id(key)].tolist() for key in new], Want())
             firsts += [int(t) for t in sel.top_ids[:, 0]]
-            self.keys += [key for key, _ in new]
-            self.cached += [h for _, h in new]
+            self.keys += new
+            self.cached += [hist[id(key)] for key in new]
         return firsts
 
     def reset(self) -> None:
